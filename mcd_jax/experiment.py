@@ -1,0 +1,225 @@
+"""What a run needs before its first step: mesh, data, model, objective, teacher.
+
+Also the pieces the trainer shares with the other modes: the checkpoint
+metadata check, the memory estimate, sample writing and the closing summary.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mcd_jax import checkpointing
+from mcd_jax import objectives
+from mcd_jax import sampling
+from mcd_jax import schedules
+from mcd_jax import sharding
+from mcd_jax import train_state as train_state_lib
+from mcd_jax import workdir as workdir_lib
+from mcd_jax.data import pipeline
+from mcd_jax.models import transformer
+
+
+class ExperimentError(ValueError):
+  """A run that cannot start: a wrong teacher, a mismatched tokenizer, and so on."""
+
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  datasets: Any
+  model: nn.Module
+  schedule: schedules.Schedule
+  objective: objectives.Objective
+  meta: dict
+  initial_teacher_params: Any = None
+
+
+def build_model(config, vocab_size: int) -> nn.Module:
+  """The transformer for `config.task`: causal for the AR task, else bidirectional."""
+  causal = config.task == 'autoregressive'
+  input_size = vocab_size if causal else vocab_size + 1  # + the mask token.
+  return transformer.from_config(config.model, vocab_size=input_size,
+                                 output_size=vocab_size, causal=causal)
+
+
+def run_meta(config, tokenizer) -> dict:
+  return {
+      'task': config.task,
+      'schedule': config.diffusion.schedule,
+      'vocab_size': int(tokenizer.vocab_size),
+      'tokenizer_fingerprint': tokenizer.fingerprint(),
+      'seq_len': int(config.data.seq_len),
+      'model': json.loads(config.model.to_json()),
+  }
+
+
+def check_meta(saved: dict, current: dict, workdir: str) -> None:
+  """Raises ExperimentError when a checkpoint was written by another kind of run."""
+  for key in ('task', 'vocab_size', 'tokenizer_fingerprint', 'seq_len', 'model', 'schedule'):
+    if saved.get(key) != current.get(key):
+      raise ExperimentError(
+          f'The checkpoint in {workdir} has {key}={saved.get(key)!r} but this run has '
+          f'{key}={current.get(key)!r}. Use a new --workdir for a different model, '
+          'tokenizer or task.')
+
+
+def _load_teacher(config, mesh):
+  """Reads the teacher's config, tokenizer folder and EMA parameters."""
+  teacher_dir = config.distill.teacher_workdir
+  if not teacher_dir:
+    raise ExperimentError(
+        'distill.teacher_workdir is empty. Set it to the --workdir of a trained masked '
+        'diffusion teacher (task "diffusion").')
+  teacher_config = workdir_lib.load_config(teacher_dir)
+  manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(teacher_dir), keep=1000)
+  meta = checkpointing.read_meta(manager)
+  if meta is None:
+    raise ExperimentError(f'No checkpoint found in the teacher workdir {teacher_dir}.')
+  if meta['task'] != 'diffusion':
+    raise ExperimentError(
+        f'The checkpoint in {teacher_dir} is a {meta["task"]!r} model, but a teacher '
+        'must be a masked diffusion model (task "diffusion"). Point '
+        'distill.teacher_workdir at a teacher workdir.')
+  return teacher_config, manager, meta
+
+
+def setup(config, workdir: str, allow_config_change: bool = False) -> Run:
+  """Builds mesh, data, model and objective; loads the teacher for distillation."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  mesh = sharding.create_mesh(config.mesh.shape)
+  logging.info('Mesh %s over %d devices (%s), %d processes.', dict(mesh.shape),
+               mesh.devices.size, jax.devices()[0].platform, jax.process_count())
+
+  teacher = None
+  tokenizer_dir = workdir_lib.tokenizer_dir(workdir)
+  if config.task == 'distill':
+    teacher_config, teacher_manager, teacher_meta = _load_teacher(config, mesh)
+    # Data, model and schedule come from the teacher, so a student can never
+    # be trained with another schedule or tokenizer than its teacher.
+    student_batch_size = config.data.batch_size
+    for section in ('data', 'model', 'diffusion'):
+      config[section] = ml_collections.ConfigDict(teacher_config[section].to_dict())
+    config.data.batch_size = student_batch_size
+    teacher = (teacher_manager, teacher_meta)
+    if jax.process_index() == 0 and not os.path.exists(tokenizer_dir):
+      shutil.copytree(workdir_lib.tokenizer_dir(config.distill.teacher_workdir),
+                      tokenizer_dir)
+    multihost_utils.sync_global_devices('tokenizer copied')
+
+  workdir_lib.prepare(workdir, config, allow_config_change, jax.process_index() == 0)
+  datasets = pipeline.make_datasets(config.data, tokenizer_dir, jax.process_index(),
+                                    jax.process_count())
+  vocab_size = datasets.tokenizer.vocab_size
+  model = build_model(config, vocab_size)
+  schedule = schedules.get_schedule(config.diffusion.schedule)
+  objective = objectives.make_objective(config, model, schedule, vocab_size)
+  meta = run_meta(config, datasets.tokenizer)
+  run = Run(config, mesh, datasets, model, schedule, objective, meta)
+
+  if teacher is not None:
+    teacher_manager, teacher_meta = teacher
+    if teacher_meta['tokenizer_fingerprint'] != meta['tokenizer_fingerprint']:
+      raise ExperimentError('The teacher checkpoint was trained with another tokenizer.')
+    run.initial_teacher_params = load_params(teacher_manager, config, model, mesh)
+  return run
+
+
+def load_params(manager, config, model, mesh, use_ema: bool = True):
+  """Restores a diffusion or AR checkpoint's (EMA) parameters onto `mesh`."""
+  tx = train_state_lib.make_optimizer(config.optim, config.train.num_steps)
+  abstract_state, _ = train_state_lib.abstract_state_and_shardings(
+      model, tx, mesh, config.mesh.axis_rules, config.data.seq_len)
+  restored = checkpointing.restore(manager, abstract_state)
+  state = restored['state']
+  return state.ema_params if use_ema else state.params
+
+
+def memory_estimate(config, state, state_shardings, has_teacher: bool) -> dict[str, int]:
+  params = sharding.bytes_per_device(state.params, state_shardings.params)
+  estimate = {
+      'student params' if has_teacher else 'params': params,
+      'EMA params': sharding.bytes_per_device(state.ema_params, state_shardings.ema_params),
+      'optimizer state': sharding.bytes_per_device(state.opt_state, state_shardings.opt_state),
+  }
+  if has_teacher:
+    estimate['teacher params'] = params
+  dtype_bytes = 2 if config.model.dtype == 'bfloat16' else 4
+  data_parallel = max(1, jax.device_count() // max(1, int(np.prod(
+      [size for size in config.mesh.shape if size > 0]))))
+  per_device = max(1, config.data.batch_size // max(1, data_parallel))
+  forward_passes = 2 if has_teacher else 1
+  estimate['activations'] = forward_passes * sharding.activation_bytes_estimate(
+      per_device, config.data.seq_len, config.model.d_model, config.model.mlp_dim,
+      config.model.num_layers, config.model.num_heads, dtype_bytes, config.model.remat)
+  return estimate
+
+
+def write_samples(run: Run, params, rng, step: int, workdir: str) -> dict[str, str]:
+  """Samples with `config.sampling`, writes text and JSONL; returns their paths."""
+  config = run.config
+  if config.task == 'autoregressive':
+    return {}
+  tokens, nfe = sample_tokens(run.model, params, rng, config.sampling, config.data.seq_len,
+                              run.schedule, run.datasets.tokenizer.vocab_size,
+                              config.model.time_conditioning)
+  texts = [run.datasets.tokenizer.decode(row) for row in tokens]
+  paths = {}
+  if jax.process_index() == 0:
+    directory = workdir_lib.samples_dir(workdir)
+    os.makedirs(directory, exist_ok=True)
+    paths['text'] = os.path.join(directory, f'step_{step}.txt')
+    paths['jsonl'] = os.path.join(directory, f'step_{step}.jsonl')
+    with open(paths['text'], 'w', encoding='utf-8') as f:
+      for index, text in enumerate(texts):
+        f.write(f'===== sample {index} =====\n{text}\n')
+    with open(paths['jsonl'], 'w', encoding='utf-8') as f:
+      for index, (text, spent) in enumerate(zip(texts, nfe)):
+        f.write(json.dumps({'step': step, 'index': index, 'nfe': int(spent),
+                            'sampler': config.sampling.sampler,
+                            'num_steps': config.sampling.num_steps,
+                            'temperature': config.sampling.temperature,
+                            'text': text}) + '\n')
+    logging.info('Wrote %d samples to %s', len(texts), paths['text'])
+  return paths
+
+
+def sample_tokens(model, params, rng, sampling_config, seq_len: int, schedule,
+                  vocab_size: int, time_conditioned: bool):
+  """Draws `num_samples` sequences in batches; returns host int32[N, L] and NFE[N]."""
+  all_tokens, all_nfe = [], []
+  num_samples = sampling_config.num_samples
+  batch_size = sampling_config.batch_size
+  for offset in range(0, num_samples, batch_size):
+    size = min(batch_size, num_samples - offset)
+    if sampling_config.sampler == 'deterministic':
+      output = sampling.deterministic_sample(
+          model, params, rng, batch_size=size, seq_len=seq_len,
+          num_steps=sampling_config.num_steps, schedule=schedule, mask_id=vocab_size,
+          temperature=sampling_config.temperature, sample_offset=offset)
+    else:
+      output = sampling.ancestral_sample(
+          model, params, jax.random.fold_in(rng, offset), batch_size=size,
+          seq_len=seq_len, num_steps=sampling_config.num_steps, schedule=schedule,
+          mask_id=vocab_size, temperature=sampling_config.temperature,
+          time_conditioned=time_conditioned)
+    all_tokens.append(np.asarray(multihost_utils.process_allgather(output.tokens,
+                                                                   tiled=True)))
+    all_nfe.append(np.asarray(multihost_utils.process_allgather(output.nfe, tiled=True)))
+  return np.concatenate(all_tokens), np.concatenate(all_nfe)
+
+
+def log_summary(summary: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  lines = [f'  {name}: {value}' for name, value in summary.items()]
+  logging.info('Run finished. Written:\n%s', '\n'.join(lines))

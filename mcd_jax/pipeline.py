@@ -1,0 +1,202 @@
+"""The main MCD job: teacher, evaluator, students, then the quality-speed table.
+
+  python -m mcd_jax.main --config configs/mcd_bible_char.py --workdir DIR --mode pipeline
+
+  DIR/teacher/              masked diffusion teacher (unless distill.teacher_workdir is set)
+  DIR/evaluator/            autoregressive evaluator (unless pipeline.evaluator_workdir is set)
+  DIR/students/NAME/        one distilled student per entry of pipeline.students
+  DIR/results/table.json    every (model, steps, temperature) row
+  DIR/results/table.md      the same as a Markdown table
+  DIR/results/gen_ppl_vs_nfe.png
+
+Every stage resumes from its own workdir, so rerunning the command after a
+crash continues where it stopped.
+"""
+
+import importlib.util
+import json
+import os
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from mcd_jax import checkpointing
+from mcd_jax import config_base
+from mcd_jax import evaluation
+from mcd_jax import inference
+from mcd_jax import sampling
+from mcd_jax import train
+from mcd_jax import workdir as workdir_lib
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Student name -> (distill.method, distill.trajectory_source, distill.divergence).
+STUDENTS = {
+    'mcd_data': ('mcd', 'data', 'reverse_kl'),
+    'mcd_teacher': ('mcd', 'teacher', 'reverse_kl'),
+    'mcd_forward_kl': ('mcd', 'data', 'forward_kl'),
+    'sdtt': ('sdtt', 'data', 'forward_kl'),
+}
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path[:arg]` (relative to the working directory or the repository)."""
+  path, _, arg = spec.partition(':')
+  candidates = [path, os.path.join(_REPO, path)]
+  found = next((candidate for candidate in candidates if os.path.isfile(candidate)), None)
+  if found is None:
+    raise config_base.ConfigError(f'Config file {path!r} not found (from {spec!r}).')
+  module_spec = importlib.util.spec_from_file_location('mcd_jax_loaded_config', found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _is_finished(workdir: str, num_steps: int) -> bool:
+  directory = workdir_lib.checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return False
+  manager = checkpointing.make_manager(directory, keep=1000)
+  return manager.latest_step() is not None and manager.latest_step() >= num_steps
+
+
+def _train_stage(name: str, config, workdir: str) -> str:
+  if _is_finished(workdir, config.train.num_steps):
+    logging.info('Stage %s: already trained in %s.', name, workdir)
+  else:
+    logging.info('Stage %s: training in %s.', name, workdir)
+    train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def student_config(config, name: str, teacher_dir: str) -> ml_collections.ConfigDict:
+  if name not in STUDENTS:
+    raise config_base.ConfigError(
+        f'Unknown student {name!r} in pipeline.students; choose from {sorted(STUDENTS)}.')
+  student = ml_collections.ConfigDict(config.to_dict())
+  student.distill.method, student.distill.trajectory_source, student.distill.divergence = (
+      STUDENTS[name])
+  student.distill.teacher_workdir = teacher_dir
+  return student
+
+
+def _measure(name, loaded, evaluator, num_steps, temperature, config, rng):
+  """Samples `pipeline.num_samples` texts and returns one table row."""
+  settings = config.pipeline
+
+  def sample_fn(key, batch_size):
+    return sampling.ancestral_sample(
+        loaded.model, loaded.params, key, batch_size=batch_size,
+        seq_len=loaded.config.data.seq_len, num_steps=num_steps, schedule=loaded.schedule,
+        mask_id=loaded.vocab_size, temperature=temperature,
+        time_conditioned=loaded.config.model.time_conditioning)
+
+  tokens, nfe, seconds = evaluation.timed_sampling(sample_fn, rng, settings.num_samples,
+                                                   settings.batch_size)
+  quality = evaluation.measure_quality(evaluator.model, evaluator.params, tokens,
+                                       loaded.vocab_size)
+  row = {'model': name, 'steps': num_steps, 'temperature': round(float(temperature), 4),
+         'nfe': float(np.mean(nfe)), 'seconds_per_sample': seconds}
+  row.update(quality.__dict__)
+  logging.info('%s', json.dumps(row))
+  return row, tokens
+
+
+def evaluate_table(config, workdir: str, teacher_dir: str, evaluator_dir: str,
+                   student_dirs: dict[str, str]) -> list[dict]:
+  """Measures teacher, students and controls; writes table.json, table.md and a plot."""
+  evaluator = inference.load(evaluator_dir)
+  teacher = inference.load(teacher_dir)
+  students = {name: inference.load(path) for name, path in student_dirs.items()}
+  base_steps = config.distill.base_steps
+  rng = jax.random.key(config.seed)
+  rows = []
+
+  row, _ = _measure('teacher', teacher, evaluator, base_steps, 1.0, config, rng)
+  rows.append(row)
+  for divisor in config.pipeline.step_divisors:
+    steps = max(1, base_steps // divisor)
+    row, _ = _measure('teacher', teacher, evaluator, steps, 1.0, config, rng)
+    rows.append(row)
+    reference_entropy = None
+    for name, loaded in students.items():
+      row, _ = _measure(name, loaded, evaluator, steps, 1.0, config, rng)
+      rows.append(row)
+      if reference_entropy is None:
+        reference_entropy = row['entropy']
+
+    if reference_entropy is not None:
+      # The control: the undistilled teacher at the student's step count, its
+      # temperature tuned so its entropy matches the first student's.
+      def entropy_at(temperature):
+        return _measure('teacher', teacher, evaluator, steps, temperature, config,
+                        rng)[0]['entropy']
+
+      temperature = evaluation.match_temperature(
+          entropy_at, reference_entropy, low=config.pipeline.temperature_low)
+      row, _ = _measure('teacher (temperature-matched)', teacher, evaluator, steps,
+                        temperature, config, rng)
+      rows.append(row)
+
+  results = os.path.join(workdir, 'results')
+  os.makedirs(results, exist_ok=True)
+  evaluator_bits = inference.evaluate_workdir(evaluator.config, evaluator_dir)
+  summary = {'rows': rows, 'evaluator': evaluator_bits, 'base_steps': base_steps,
+             'num_samples': config.pipeline.num_samples}
+  with open(os.path.join(results, 'table.json'), 'w', encoding='utf-8') as f:
+    json.dump(summary, f, indent=2)
+  with open(os.path.join(results, 'table.md'), 'w', encoding='utf-8') as f:
+    f.write(format_table(rows))
+  evaluation.plot_gen_ppl_vs_nfe(rows, os.path.join(results, 'gen_ppl_vs_nfe.png'),
+                                 f'Gen PPL against NFE (teacher N0 = {base_steps})')
+  logging.info('Quality-speed table:\n%s', format_table(rows))
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  lines = ['| model | steps | T | NFE | Gen PPL (95% interval) | entropy (nats) | '
+           's / sample |', '|---|---:|---:|---:|---|---:|---:|']
+  for row in rows:
+    lines.append(
+        f"| {row['model']} | {row['steps']} | {row['temperature']:.3g} | {row['nfe']:.1f} | "
+        f"{row['gen_ppl']:.2f} ({row['gen_ppl_low']:.2f}–{row['gen_ppl_high']:.2f}) | "
+        f"{row['entropy']:.3f} | {row['seconds_per_sample']:.4f} |")
+  return '\n'.join(lines) + '\n'
+
+
+def run_pipeline(config, workdir: str) -> list[dict]:
+  """Trains what is missing, then measures the quality-speed table."""
+  config_base.validate(config)
+  if config.task != 'distill':
+    raise config_base.ConfigError(
+        f'--mode pipeline needs a distillation config (task "distill"), got task '
+        f'{config.task!r}; try configs/mcd_bible_char.py.')
+
+  teacher_dir = config.distill.teacher_workdir
+  if not teacher_dir:
+    if not config.pipeline.teacher_config:
+      raise config_base.ConfigError(
+          'Set distill.teacher_workdir to a trained teacher, or pipeline.teacher_config '
+          'to a config to train one.')
+    teacher_dir = _train_stage('teacher', load_config_file(config.pipeline.teacher_config),
+                               os.path.join(workdir, 'teacher'))
+
+  evaluator_dir = config.pipeline.evaluator_workdir
+  if not evaluator_dir:
+    if not config.pipeline.evaluator_config:
+      raise config_base.ConfigError(
+          'Set pipeline.evaluator_workdir to a trained autoregressive model, or '
+          'pipeline.evaluator_config to a config to train one.')
+    evaluator_dir = _train_stage(
+        'evaluator', load_config_file(config.pipeline.evaluator_config),
+        os.path.join(workdir, 'evaluator'))
+
+  student_dirs = {}
+  for name in config.pipeline.students:
+    student_dirs[name] = _train_stage(
+        name, student_config(config, name, teacher_dir),
+        os.path.join(workdir, 'students', name))
+
+  return evaluate_table(config, workdir, teacher_dir, evaluator_dir, student_dirs)

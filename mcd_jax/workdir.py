@@ -1,0 +1,101 @@
+"""Layout of a workdir and the check that a resumed run matches its config.
+
+  DIR/config.json     the config of the run that created DIR
+  DIR/tokenizer/      the tokenizer, saved with the first checkpoint
+  DIR/checkpoints/    Orbax steps
+  DIR/metrics.jsonl   scalars; DIR/tensorboard/ the same for TensorBoard
+  DIR/samples/        sample texts (.txt) and records (.jsonl)
+"""
+
+import json
+import os
+
+import ml_collections
+
+# Keys that may change between a run and its resumption: lengths, intervals,
+# sampling settings and the mesh, none of which changes what was trained.
+RESUMABLE_PREFIXES = ('train.', 'sampling.', 'mesh.', 'distill.teacher_workdir')
+
+
+class WorkdirError(ValueError):
+  """A workdir that cannot be used with the requested config."""
+
+
+def config_path(workdir: str) -> str:
+  return os.path.join(workdir, 'config.json')
+
+
+def tokenizer_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'tokenizer')
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints')
+
+
+def samples_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'samples')
+
+
+def _flatten(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """A JSON round-trip of the config (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """Reads DIR/config.json; raises WorkdirError when it is missing or unreadable."""
+  path = config_path(workdir)
+  try:
+    with open(path, encoding='utf-8') as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except FileNotFoundError as error:
+    raise WorkdirError(
+        f'{path} not found: {workdir!r} is not a workdir written by mcd_jax. Pass the '
+        '--workdir of a finished training run.') from error
+  except json.JSONDecodeError as error:
+    raise WorkdirError(f'{path} is not valid JSON ({error}).') from error
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Lists `key: saved -> current` for keys that change what a run trains."""
+  saved_flat, current_flat = _flatten(saved), _flatten(current)
+  differences = []
+  for key in sorted(set(saved_flat) | set(current_flat)):
+    if key.startswith(RESUMABLE_PREFIXES):
+      continue
+    old, new = saved_flat.get(key, '<absent>'), current_flat.get(key, '<absent>')
+    if old != new:
+      differences.append(f'{key}: {old!r} -> {new!r}')
+  return differences
+
+
+def prepare(workdir: str, config: ml_collections.ConfigDict, allow_config_change: bool,
+            is_writer: bool) -> None:
+  """Creates the workdir or checks that it was made by an equivalent config."""
+  current = config_to_dict(config)
+  path = config_path(workdir)
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+    differences = config_differences(saved, current)
+    if differences and not allow_config_change:
+      listing = '\n  '.join(differences)
+      raise WorkdirError(
+          f'The workdir {workdir} was created with a different config:\n  {listing}\n'
+          'Use a new --workdir, or pass --allow_config_change to resume anyway.')
+  if is_writer:
+    os.makedirs(workdir, exist_ok=True)
+    temporary = path + '.tmp'
+    with open(temporary, 'w', encoding='utf-8') as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(temporary, path)
