@@ -224,6 +224,7 @@ def make_datasets(data_config, tokenizer_dir: str, process_index: int = 0,
   vocabulary therefore covers validation text too.
   """
   documents = corpus.load_documents(data_config)
+  num_documents = len(documents)
   num_characters = sum(len(d) for d in documents)
 
   if tokenizers.has_tokenizer(tokenizer_dir):
@@ -266,7 +267,7 @@ def make_datasets(data_config, tokenizer_dir: str, process_index: int = 0,
       tokenizer=tokenizer,
       train_iterator=train_iterator,
       validation_rows=validation_rows,
-      num_documents=len(train_documents) + len(validation_documents),
+      num_documents=num_documents,
       num_characters=num_characters,
       num_train_tokens=sum(len(t) for t in train_tokens),
       num_validation_tokens=sum(len(t) for t in validation_tokens),
