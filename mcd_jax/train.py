@@ -236,7 +236,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         experiment.write_samples(run, state.ema_params, sample_rng, step, workdir)
 
     if stop.received is not None:
-      save(step, force=True)
+      if last_checkpoint != step:
+        save(step, force=True)
       progress.close()
       writer.close()
       logging.info('Stopped by %s at step %d; the checkpoint is in %s. Run the same '
