@@ -37,7 +37,7 @@ STUDENTS = {
     'mcd_data': ('mcd', 'data', 'reverse_kl'),
     'mcd_teacher': ('mcd', 'teacher', 'reverse_kl'),
     'mcd_forward_kl': ('mcd', 'data', 'forward_kl'),
-    'sdtt': ('sdtt', 'data', 'forward_kl'),
+    'sdtt': ('sdtt', 'data', 'reverse_kl'),
 }
 
 
