@@ -155,6 +155,23 @@ def _flatten(config, prefix=''):
   return items
 
 
+def flat_defaults() -> dict:
+  """Maps the dotted name of every config key, e.g. 'train.num_steps', to its default."""
+  return _flatten(base_config())
+
+
+def flat_keys() -> set[str]:
+  """Returns the dotted names of every config key."""
+  return set(flat_defaults())
+
+
+def unknown_key_message(name: str) -> str:
+  """Formats the error for a key that `base_config` does not define, with the nearest key."""
+  nearest = difflib.get_close_matches(name, sorted(flat_keys()), n=1)
+  hint = f' Did you mean {nearest[0]!r}?' if nearest else ''
+  return f'Unknown config key {name!r}.{hint}'
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for unknown keys, wrong types and impossible values."""
   defaults = _flatten(base_config())
@@ -162,9 +179,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   for name, value in values.items():
     if name not in defaults:
-      nearest = difflib.get_close_matches(name, defaults, n=1)
-      hint = f' Did you mean {nearest[0]!r}?' if nearest else ''
-      raise ConfigError(f'Unknown config key {name!r}.{hint}')
+      raise ConfigError(unknown_key_message(name))
     expected = type(defaults[name])
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
       continue

@@ -134,12 +134,12 @@ def setup(config, workdir: str, allow_config_change: bool = False) -> Run:
   return run
 
 
-def load_params(manager, config, model, mesh, use_ema: bool = True):
-  """Restores a diffusion or AR checkpoint's (EMA) parameters onto `mesh`."""
+def load_params(manager, config, model, mesh, use_ema: bool = True, step: int | None = None):
+  """Restores the (EMA) parameters of checkpoint `step` (default: latest) onto `mesh`."""
   tx = train_state_lib.make_optimizer(config.optim, config.train.num_steps)
   abstract_state, _ = train_state_lib.abstract_state_and_shardings(
       model, tx, mesh, config.mesh.axis_rules, config.data.seq_len)
-  restored = checkpointing.restore(manager, abstract_state)
+  restored = checkpointing.restore(manager, abstract_state, step=step)
   state = restored['state']
   return state.ema_params if use_ema else state.params
 
@@ -154,9 +154,9 @@ def memory_estimate(config, state, state_shardings, has_teacher: bool) -> dict[s
   if has_teacher:
     estimate['teacher params'] = params
   dtype_bytes = 2 if config.model.dtype == 'bfloat16' else 4
-  data_parallel = max(1, jax.device_count() // max(1, int(np.prod(
-      [size for size in config.mesh.shape if size > 0]))))
-  per_device = max(1, config.data.batch_size // max(1, data_parallel))
+  # The batch is split over the data and fsdp axes of the mesh.
+  data, fsdp, _ = sharding.mesh_shape(config.mesh.shape, jax.device_count())
+  per_device = max(1, config.data.batch_size // (data * fsdp))
   forward_passes = 2 if has_teacher else 1
   estimate['activations'] = forward_passes * sharding.activation_bytes_estimate(
       per_device, config.data.seq_len, config.model.d_model, config.model.mlp_dim,
@@ -205,7 +205,8 @@ def sample_tokens(model, params, rng, sampling_config, seq_len: int, schedule,
       output = sampling.deterministic_sample(
           model, params, rng, batch_size=size, seq_len=seq_len,
           num_steps=sampling_config.num_steps, schedule=schedule, mask_id=vocab_size,
-          temperature=sampling_config.temperature, sample_offset=offset)
+          temperature=sampling_config.temperature, sample_offset=offset,
+          time_conditioned=time_conditioned)
     else:
       output = sampling.ancestral_sample(
           model, params, jax.random.fold_in(rng, offset), batch_size=size,

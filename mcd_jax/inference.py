@@ -28,6 +28,10 @@ from mcd_jax.data import pipeline
 from mcd_jax.data import tokenizers
 
 
+class PromptError(ValueError):
+  """A sampling prompt that the model cannot condition on."""
+
+
 @dataclasses.dataclass
 class LoadedModel:
   """A trained model with its tokenizer, schedule and (EMA) parameters."""
@@ -45,14 +49,30 @@ class LoadedModel:
     return self.tokenizer.vocab_size
 
   def encode_prompt(self, prompt: str) -> np.ndarray:
-    """Token ids of `prompt`; raises ValueError when it does not fit the sequence."""
-    ids = np.asarray(self.tokenizer.encode(prompt), np.int32)
+    """Token ids of `prompt`; raises PromptError when it cannot be encoded or is too long."""
+    try:
+      ids = np.asarray(self.tokenizer.encode(prompt), np.int32)
+    except pipeline.DataError as error:
+      unknown = sorted(set(c for c in prompt if not self._encodes(c)))
+      listing = ', '.join(repr(c) for c in unknown[:20]) or str(error)
+      raise PromptError(
+          f'sampling.prompt {_preview(prompt)} contains characters outside the '
+          f'{self.vocab_size}-token vocabulary of this model: {listing}. Remove or '
+          'replace them.') from error
     seq_len = self.config.data.seq_len
     if len(ids) >= seq_len:
-      raise ValueError(
-          f'The prompt has {len(ids)} tokens but the model generates sequences of '
-          f'{seq_len}; shorten the prompt to fewer than {seq_len} tokens.')
+      raise PromptError(
+          f'sampling.prompt {_preview(prompt)} has {len(ids)} tokens but the model '
+          f'generates sequences of {seq_len} (data.seq_len); shorten the prompt to at '
+          f'most {seq_len - 1} tokens so at least one position is generated.')
     return ids
+
+  def _encodes(self, character: str) -> bool:
+    try:
+      self.tokenizer.encode(character)
+    except pipeline.DataError:
+      return False
+    return True
 
   def sample_tokens(self, rng, num_samples: int, num_steps: int, temperature: float = 1.0,
                     sampler: str = 'ancestral', prompt: str = '') -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +97,11 @@ class LoadedModel:
     return [self.tokenizer.decode(row) for row in tokens]
 
 
+def _preview(text: str, max_chars: int = 40) -> str:
+  """repr() of `text`, cut to `max_chars` characters with '...' after the cut."""
+  return repr(text if len(text) <= max_chars else text[:max_chars] + '...')
+
+
 def load(workdir: str, step: int | None = None, use_ema: bool = True,
          mesh_shape=(-1, 1, 1)) -> LoadedModel:
   """Loads the config, tokenizer and parameters that `workdir` holds."""
@@ -92,7 +117,7 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True,
     raise checkpointing.CheckpointError(
         f'The tokenizer in {workdir_lib.tokenizer_dir(workdir)} does not match the one '
         'the checkpoint was trained with; restore the original tokenizer folder.')
-  params = experiment.load_params(manager, config, model, mesh, use_ema=use_ema)
+  params = experiment.load_params(manager, config, model, mesh, use_ema=use_ema, step=step)
   schedule = schedules.get_schedule(config.diffusion.schedule)
   return LoadedModel(config, model, params, tokenizer, schedule, mesh,
                      manager.latest_step() if step is None else step)

@@ -13,13 +13,24 @@ Modes:
             AR evaluator, MCD and SDTT students, then the quality-speed table.
 
 Override any config key: --config.train.num_steps=200 --config.model.dtype=bfloat16.
-Errors print one message; --debug shows the traceback.
+
+Exit status:
+  0         the mode finished.
+  1         invalid input. One `error:` line on stderr names the value and the
+            fix; --debug shows the traceback instead.
+  143, 130  SIGTERM or SIGINT stopped training after it saved a checkpoint
+            (128 + the signal number). Rerun the same command to resume.
+docs/reliability.md lists the messages.
 """
 
+import ast
 import glob
 import logging as python_logging
 import os
+import re
+import signal
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -30,8 +41,17 @@ _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                              'configs')
 _MODES = ('train', 'evaluate', 'sample', 'pipeline')
 
+
+def shipped_configs() -> list[str]:
+  return sorted(os.path.basename(path)
+                for path in glob.glob(os.path.join(_REPO_CONFIGS, '*.py'))
+                if not os.path.basename(path).startswith('_'))
+
+
 config_flags.DEFINE_config_file(
-    'config', None, 'Config file, optionally with ":smoke" for the one-minute variant.',
+    'config', None,
+    'Config file, optionally with ":smoke" for the one-minute variant. Shipped configs '
+    f'(in configs/): {", ".join(shipped_configs())}.',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and samples.')
 flags.DEFINE_enum('mode', 'train', _MODES, 'What to run (see the module help).')
@@ -53,12 +73,6 @@ flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
 
 class LaunchError(RuntimeError):
   """The devices found do not match what the launch asked for."""
-
-
-def shipped_configs() -> list[str]:
-  return sorted(os.path.basename(path)
-                for path in glob.glob(os.path.join(_REPO_CONFIGS, '*.py'))
-                if not os.path.basename(path).startswith('_'))
 
 
 def _wants_distributed() -> bool:
@@ -97,11 +111,126 @@ def initialize_runtime() -> None:
 def _user_errors() -> tuple[type[Exception], ...]:
   """The exceptions that mean bad input and get a one-line message."""
   # pylint: disable=import-outside-toplevel
-  from mcd_jax import checkpointing, config_base, experiment, sharding, train, workdir
+  from mcd_jax import checkpointing, config_base, experiment, inference, sharding, train
+  from mcd_jax import workdir
   from mcd_jax.data import corpus
   return (config_base.ConfigError, corpus.DataError, checkpointing.CheckpointError,
           workdir.WorkdirError, experiment.ExperimentError, sharding.ShardingError,
-          train.TrainingDivergedError, LaunchError)
+          train.TrainingDivergedError, inference.PromptError, LaunchError)
+
+
+def _fail(message: str) -> None:
+  """Prints `message` as the one-line `error:` output and exits with status 1."""
+  one_line = ' '.join(message.split())
+  print(f'error: {one_line} (add --debug for the traceback)', file=sys.stderr)
+  sys.exit(1)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """Returns a message for the first --config.KEY override that names no config key."""
+  # pylint: disable=import-outside-toplevel
+  from mcd_jax import config_base
+  known = config_base.flat_keys()
+  for arg in argv[1:]:
+    if not arg.startswith('--config.'):
+      continue
+    key = arg[len('--config.'):].split('=', 1)[0]
+    if key not in known:
+      return f'--config.{key}: {config_base.unknown_key_message(key)}'
+  return None
+
+
+def _config_path_argument(argv: list[str]) -> str:
+  """Returns the file part of the --config argument (before ':'), or '' without one."""
+  for index, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):].split(':', 1)[0]
+    if arg == '--config' and index + 1 < len(argv):
+      return argv[index + 1].split(':', 1)[0]
+  return ''
+
+
+def _config_file_error(error: Exception, argv: list[str]) -> str:
+  """Describes an exception raised while loading the config file, with its line."""
+  text = str(error)
+  path = os.path.abspath(_config_path_argument(argv))
+  if 'Error whilst parsing config file' in text:
+    # ml_collections re-raises TypeError and ValueError with the traceback as text.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line_numbers = re.findall(rf'File "{re.escape(path)}", line (\d+)', text)
+    where = f' (at {path} line {line_numbers[-1]})' if line_numbers else ''
+    return lines[-1] + where
+
+  if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
+    try:  # ml_collections puts the repr() of a KeyError message into AttributeError.
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      pass
+  where = ''
+  frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+            if os.path.abspath(frame.filename) == path]
+  if frames:
+    where = f' at {path} line {frames[-1].lineno}'
+  return f'{type(error).__name__}{where}: {text}'
+
+
+def _flag_value_error(error: Exception) -> str:
+  """Adds the expected type to absl's message for an invalid --config.KEY value."""
+  # pylint: disable=import-outside-toplevel
+  from mcd_jax import config_base
+  match = re.match(r'flag --config\.([\w.]+)=', str(error))
+  defaults = config_base.flat_defaults()
+  if match and match.group(1) in defaults:
+    expected = type(defaults[match.group(1)]).__name__
+    return f'{error}. --config.{match.group(1)} takes a value of type {expected}.'
+  return f'{error}. Run with --help for the flags.'
+
+
+_HELP_FLAGS = {'--help', '-h', '-?', '--helpshort', '--helpfull'}
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses the flags; bad flag values and config overrides print one `error:` line.
+
+  absl prints its own message for flag errors, but an unknown --config.KEY or
+  an exception raised inside a config file reaches it as a traceback.
+  """
+  try:
+    return FLAGS(argv)
+  except SystemExit:
+    if _HELP_FLAGS.intersection(argv[1:]):
+      sys.exit(0)  # absl exits with status 1 after printing the help.
+    raise
+  except Exception as error:  # pylint: disable=broad-except
+    # Any exception here comes from a flag value or from running the config
+    # file, both user input. --debug is read from argv because FLAGS did not parse.
+    if '--debug' in argv:
+      raise
+    if isinstance(error, (AttributeError, KeyError)):
+      message = _unknown_override(argv)
+      if message:
+        _fail(message)
+    if isinstance(error, flags.Error) and 'Error whilst parsing config file' not in str(error):
+      _fail(_flag_value_error(error))
+    _fail(f'could not load the config ({_config_file_error(error, argv)}). Fix the config file '
+          'or the --config.KEY=VALUE overrides.')
+  return []  # Not reached: _fail exits.
+
+
+def _load_config():
+  """Returns FLAGS.config; a config file that could not be read raises ConfigError."""
+  # pylint: disable=import-outside-toplevel
+  from mcd_jax import config_base
+  config = FLAGS.config
+  try:
+    config.keys()  # ml_collections raises a config file's OSError at first use.
+  except OSError as error:
+    path = config_flags.get_config_filename(FLAGS['config'])
+    reason = 'not found' if not os.path.exists(path) else f'unreadable ({error})'
+    raise config_base.ConfigError(
+        f'Config file {path!r} {reason}. Pass a path such as configs/bible_char.py; the '
+        f'shipped configs are {", ".join(shipped_configs())}.') from error
+  return config
 
 
 def run_mode(config, workdir: str, mode: str):
@@ -122,25 +251,42 @@ def run_mode(config, workdir: str, mode: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.config is None or FLAGS.workdir is None:
+  missing = [f'--{name}' for name in ('config', 'workdir') if FLAGS[name].value is None]
+  if missing:
     configs = '\n  '.join(shipped_configs())
     raise app.UsageError(
-        'Both --config and --workdir are required, e.g.\n'
+        f'{" and ".join(missing)} {"is" if len(missing) == 1 else "are"} missing; both '
+        '--config and --workdir are required, e.g.\n'
         '  python -m mcd_jax.main --config configs/bible_char.py --workdir /tmp/bible\n'
         f'Shipped configs (in configs/):\n  {configs}')
 
   python_logging.getLogger('absl').setLevel(python_logging.INFO)
   logging.set_verbosity(logging.INFO)
+  # The config is checked before JAX and the model code are imported, so a
+  # typo costs about a second.
+  from mcd_jax import config_base  # pylint: disable=import-outside-toplevel
+  try:
+    config = _load_config()
+    config_base.validate(config)
+  except config_base.ConfigError as error:
+    if FLAGS.debug:
+      raise
+    _fail(str(error))
+
   errors = _user_errors()
   try:
     initialize_runtime()
-    run_mode(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    result = run_mode(config, FLAGS.workdir, FLAGS.mode)
   except errors as error:
     if FLAGS.debug:
       raise
-    print(f'error: {error}', file=sys.stderr)
-    print('(run again with --debug for the traceback)', file=sys.stderr)
-    sys.exit(1)
+    _fail(str(error))
+
+  stopped_by = result.get('stopped_by') if isinstance(result, dict) else None
+  if stopped_by:
+    print(f'stopped by {stopped_by} at step {result["step"]} after saving a checkpoint; '
+          'run the same command to resume.', file=sys.stderr)
+    sys.exit(128 + signal.Signals[stopped_by].value)
 
 
 FLAGS = flags.FLAGS
@@ -149,8 +295,8 @@ FLAGS = flags.FLAGS
 def run():
   """Console-script entry point (`mcd-jax`)."""
   flags.FLAGS.set_default('mode', 'train')
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -10,7 +10,6 @@ teacher is an explicit argument so it is sharded, frozen and never captured.
 """
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mcd_jax import autoregressive
+from mcd_jax import categorical
 from mcd_jax import diffusion
 from mcd_jax import duality
 from mcd_jax import schedules
@@ -84,7 +84,10 @@ def distill_objective(model: nn.Module, schedule: schedules.Schedule, mask_id: i
                             divergence=distill_config.divergence)
 
     masking_times = duality.masking_times(noise_rng, tokens.shape, schedule, vocab_size)
-    gumbel = jax.random.gumbel(gumbel_rng, tokens.shape + (vocab_size,))
+    gumbel = None
+    if distill_config.trajectory_source == 'teacher':
+      # float32[B, L, K], the size of the logits; only the teacher source uses it.
+      gumbel = categorical.gumbel_noise(gumbel_rng, tokens.shape + (vocab_size,))
     return mcd.mcd_step_loss(
         model, params, model, teacher_params, tokens, masking_times, t, delta, mask_id,
         trajectory_source=distill_config.trajectory_source,

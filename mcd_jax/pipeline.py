@@ -62,12 +62,22 @@ def _is_finished(workdir: str, num_steps: int) -> bool:
   return manager.latest_step() is not None and manager.latest_step() >= num_steps
 
 
+class StageStopped(Exception):
+  """A signal stopped a stage; its result says which, and at which step."""
+
+  def __init__(self, result: dict):
+    super().__init__(f'stopped by {result["stopped_by"]} at step {result["step"]}')
+    self.result = result
+
+
 def _train_stage(name: str, config, workdir: str) -> str:
   if _is_finished(workdir, config.train.num_steps):
     logging.info('Stage %s: already trained in %s.', name, workdir)
-  else:
-    logging.info('Stage %s: training in %s.', name, workdir)
-    train.train_and_evaluate(config, workdir)
+    return workdir
+  logging.info('Stage %s: training in %s.', name, workdir)
+  result = train.train_and_evaluate(config, workdir)
+  if result.get('stopped_by'):
+    raise StageStopped(result)
   return workdir
 
 
@@ -166,8 +176,19 @@ def format_table(rows: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def run_pipeline(config, workdir: str) -> list[dict]:
-  """Trains what is missing, then measures the quality-speed table."""
+def run_pipeline(config, workdir: str) -> list[dict] | dict:
+  """Trains what is missing, then measures the quality-speed table.
+
+  Returns the table's rows, or the stopped stage's result (with 'stopped_by')
+  when a signal stopped training, so the command line exits as after `train`.
+  """
+  try:
+    return _run_pipeline(config, workdir)
+  except StageStopped as stopped:
+    return stopped.result
+
+
+def _run_pipeline(config, workdir: str) -> list[dict]:
   config_base.validate(config)
   if config.task != 'distill':
     raise config_base.ConfigError(

@@ -236,6 +236,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         experiment.write_samples(run, state.ema_params, sample_rng, step, workdir)
 
     if stop.received is not None:
+      if history:
+        _check_finite(_mean_metrics(history), window_start, step, last_checkpoint)
       if last_checkpoint != step:
         save(step, force=True)
       progress.close()
@@ -247,6 +249,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
   progress.close()
   if last_checkpoint != step:
+    if history:
+      _check_finite(_mean_metrics(history), window_start, step, last_checkpoint)
     save(step, force=True)
 
   # ---- Final evaluation and samples ----

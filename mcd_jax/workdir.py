@@ -9,7 +9,9 @@
 
 import json
 import os
+import shutil
 
+from absl import logging
 import ml_collections
 
 # Keys that may change between a run and its resumption: lengths, intervals,
@@ -66,6 +68,14 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise WorkdirError(f'{path} is not valid JSON ({error}).') from error
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Returns whether DIR/checkpoints has a finished step (Orbax names it by its number)."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return False
+  return any(name.isdigit() for name in os.listdir(directory))
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
   """Lists `key: saved -> current` for keys that change what a run trains."""
   saved_flat, current_flat = _flatten(saved), _flatten(current)
@@ -85,14 +95,24 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, allow_config_change
   current = config_to_dict(config)
   path = config_path(workdir)
   if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      saved = json.load(f)
+    saved = load_config(workdir).to_dict()
     differences = config_differences(saved, current)
-    if differences and not allow_config_change:
-      listing = '\n  '.join(differences)
+    if differences and not has_checkpoint(workdir):
+      # A run that failed before its first checkpoint trained nothing, so its
+      # config (and a tokenizer built from its data) may be replaced.
+      logging.warning('Replacing the config of %s, which has no checkpoint: %s', workdir,
+                      '; '.join(differences))
+      if (is_writer and config.task != 'distill'
+          and any(line.startswith('data.') for line in differences)
+          and os.path.isdir(tokenizer_dir(workdir))):
+        logging.warning('Removing %s, built from the previous data config.',
+                        tokenizer_dir(workdir))
+        shutil.rmtree(tokenizer_dir(workdir))
+    elif differences and not allow_config_change:
+      listing = '; '.join(differences)
       raise WorkdirError(
-          f'The workdir {workdir} was created with a different config:\n  {listing}\n'
-          'Use a new --workdir, or pass --allow_config_change to resume anyway.')
+          f'The workdir {workdir} was created with a different config ({listing}). Use a '
+          'new --workdir, or pass --allow_config_change to resume anyway.')
   if is_writer:
     os.makedirs(workdir, exist_ok=True)
     temporary = path + '.tmp'

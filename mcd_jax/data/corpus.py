@@ -151,7 +151,7 @@ def read_text_file(path: str) -> str:
   with open(path, 'rb') as f:
     raw = f.read()
   if not raw:
-    raise DataError(f'Data file is empty: {path}')
+    raise DataError(f'Data file is empty: {path}. Remove it from data.paths or fill it.')
 
   nul_offset = raw.find(b'\x00')
   if nul_offset >= 0:
@@ -169,7 +169,8 @@ def read_text_file(path: str) -> str:
   text = text.removeprefix('\ufeff').replace('\r\n', '\n')
   text = strip_gutenberg(text)
   if not text.strip():
-    raise DataError(f'Data file has no text after cleaning: {path}')
+    raise DataError(f'Data file has no text after cleaning (Project Gutenberg header and '
+                    f'footer removed, white space only): {path}. Remove it from data.paths.')
   return text
 
 

@@ -66,8 +66,11 @@ def _short_hash(*parts: bytes) -> str:
 def _write_tokenizer_json(directory: str, kind: str, data: dict) -> None:
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, TOKENIZER_FILE)
-  with open(path, 'w', encoding='utf-8') as f:
+  # Written beside and renamed, so a crash never leaves a truncated file.
+  temporary = path + '.tmp'
+  with open(temporary, 'w', encoding='utf-8') as f:
     json.dump({'type': kind, 'data': data}, f, ensure_ascii=False, indent=1)
+  os.replace(temporary, path)
 
 
 def _decode_runs(ids, vocab_size: int, decode_run) -> str:
@@ -450,8 +453,13 @@ def load_tokenizer(directory: str) -> Tokenizer:
   path = os.path.join(directory, TOKENIZER_FILE)
   if not os.path.isfile(path):
     raise DataError(f'No {TOKENIZER_FILE} in {directory}: save a tokenizer there first.')
-  with open(path, encoding='utf-8') as f:
-    saved = json.load(f)
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise DataError(
+        f'{path} is corrupt ({error}). Copy the tokenizer folder from the run that '
+        'trained the checkpoint, or use a new workdir.') from error
   kind, data = saved.get('type'), saved.get('data', {})
 
   if kind == 'char':

@@ -8,7 +8,8 @@ output head. Two switches select the role:
   `time_conditioning=False` (the MDLM default for masked diffusion, which needs
   no time input because the number of masks reveals t) the argument t is ignored.
 - `causal=True` gives causal attention, for the autoregressive evaluator and
-  baseline.
+  baseline. A causal model cloned with `decode=True` runs incremental decoding
+  with a key/value cache in the 'cache' collection (see mcd_jax/decoding.py).
 
 Every parameter is boxed with logical axis names ('vocab', 'embed', 'mlp',
 'heads', 'kv', 'time', and 'layers' when scanned), and activations carry
@@ -114,13 +115,21 @@ class TimeEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with rotary positions."""
+  """Multi-head self-attention with rotary positions.
+
+  With `decode=True` the module keeps the rotated keys and the values of every
+  position seen so far in the 'cache' collection. The first call (`init`)
+  allocates the cache with the input's length as its capacity. Each later call
+  takes the next S positions, writes their keys and values at the cache index
+  and attends to all cached positions up to its own.
+  """
 
   num_heads: int
   head_dim: int
   causal: bool
   dtype: Any = jnp.float32
   attention_implementation: str | None = None
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, attention_mask):
@@ -139,10 +148,41 @@ class Attention(nn.Module):
               kernel_init, ('embed', 'heads', 'kv')),
           name=name)
 
-    positions = jnp.arange(x.shape[1])
-    query = apply_rotary(projection('query')(x), positions)  # [B, L, H, D]
-    key = apply_rotary(projection('key')(x), positions)
+    query = projection('query')(x)  # [B, L, H, D]
+    key = projection('key')(x)
     value = projection('value')(x)
+    positions = jnp.arange(x.shape[1])
+
+    if self.decode:
+      # The cache is allocated by `init` and only read and written by later calls.
+      is_initialized = self.has_variable('cache', 'cached_key')
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape,
+                                   value.dtype)
+      cache_index = self.variable('cache', 'cache_index',
+                                  lambda: jnp.zeros((), jnp.int32))
+      if is_initialized:
+        index = cache_index.value
+        positions = index + positions  # [S], the absolute positions of the inputs
+        query = apply_rotary(query, positions)
+        key = apply_rotary(key, positions)
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, key, (0, index, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, value, (0, index, 0, 0))
+        cache_index.value = index + x.shape[1]
+
+        # The query at position p attends to cached keys 0 … p. Later slots are unwritten.
+        capacity = cached_key.value.shape[1]
+        visible = jnp.arange(capacity)[None, :] <= positions[:, None]  # [S, capacity]
+        attended = jax.nn.dot_product_attention(
+            query, cached_key.value, cached_value.value,
+            mask=visible[None, None],
+            implementation=self.attention_implementation)
+        return self._project_output(attended, d_model)
+
+    query = apply_rotary(query, positions)
+    key = apply_rotary(key, positions)
     activation_names = ('batch', 'length', 'heads', 'kv')
     query = nn.with_logical_constraint(query, activation_names)
     key = nn.with_logical_constraint(key, activation_names)
@@ -157,7 +197,11 @@ class Attention(nn.Module):
         is_causal=self.causal,
         implementation=self.attention_implementation)
     attended = nn.with_logical_constraint(attended, activation_names)
+    return self._project_output(attended, d_model)
 
+  @nn.nowrap
+  def _project_output(self, attended, d_model):
+    """Projects [B, L, H, D] back to [B, L, d_model] with the 'output' kernel."""
     return nn.DenseGeneral(
         d_model,
         axis=(-2, -1),
@@ -184,6 +228,7 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   attention_implementation: str | None = None
   scanned: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, condition, attention_mask, deterministic):
@@ -208,7 +253,8 @@ class Block(nn.Module):
       h = h * (1 + scale_attention) + shift_attention
     h = Attention(
         self.num_heads, head_dim, self.causal, self.dtype,
-        self.attention_implementation, name='attention')(h, attention_mask)
+        self.attention_implementation, self.decode, name='attention')(
+            h, attention_mask)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     if self.time_conditioning:
       h = gate_attention * h
@@ -253,6 +299,10 @@ class Transformer(nn.Module):
     pad_vocab_multiple: the embedding rows and the head outputs are padded up
       to a multiple of this, so that the 'vocab' axis divides evenly over a
       tensor-parallel mesh axis. The padded logits are dropped before returning.
+    decode: incremental decoding with a key/value cache, for causal models
+      only. `init` with int32[B, max_len] tokens allocates the 'cache'
+      collection. Each `apply(..., mutable=['cache'])` then takes the next
+      int32[B, S] tokens and returns their logits and the updated cache.
   """
 
   vocab_size: int
@@ -269,6 +319,7 @@ class Transformer(nn.Module):
   scan_layers: bool = False
   attention_implementation: str | None = None
   pad_vocab_multiple: int = 128
+  decode: bool = False
 
   @nn.compact
   def __call__(self, tokens, t=None, padding_mask=None, deterministic=True):
@@ -327,6 +378,9 @@ class Transformer(nn.Module):
     return logits[..., :self.output_size].astype(jnp.float32)
 
   def _check_shapes(self):
+    if self.decode and not self.causal:
+      raise ValueError('decode=True needs a causal model (causal=True): a key/value '
+                       'cache is only valid when no position attends to later ones.')
     if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
       raise ValueError(
           f'd_model / num_heads must be an even integer for rotary embeddings, '
@@ -345,12 +399,13 @@ class Transformer(nn.Module):
         time_conditioning=self.time_conditioning,
         dropout_rate=self.dropout_rate,
         dtype=dtype,
-        attention_implementation=self.attention_implementation)
+        attention_implementation=self.attention_implementation,
+        decode=self.decode)
 
     if self.scan_layers:
       scanned_blocks = nn.scan(
           block_class,
-          variable_axes={'params': 0},
+          variable_axes={'params': 0, 'cache': 0},
           split_rngs={'params': True, 'dropout': True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
           length=self.num_layers,
