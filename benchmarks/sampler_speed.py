@@ -10,7 +10,8 @@ each model the sampler runs twice:
 
 overhead = sampler time / (batch forward passes × time of one jitted forward
 pass on the same [B, L] batch). A value near 1 means the loop adds little to
-the model. The cached run's forward passes are counted in an extra untimed run
+the model. The loop's own cost is also timed directly: the teacher's sampler
+with a stand-in model that returns constant logits (`loop_*` rows). The cached run's forward passes are counted in an extra untimed run
 with the same key, through a wrapper that counts calls on the host.
 
 The sampler runs and the forward pass are timed in turn within each repeat
@@ -99,6 +100,16 @@ class CountingModel(nn.Module):
     return self.model(tokens, t, padding_mask=padding_mask, deterministic=deterministic)
 
 
+class ConstantLogits(nn.Module):
+  """Stand-in model with no parameters: zero logits, so only the sampler loop costs time."""
+
+  vocab_size: int
+
+  def __call__(self, tokens, t=None, padding_mask=None, deterministic=True):
+    # Depends on the tokens, so XLA cannot hoist the logits out of the loop.
+    return jnp.zeros(tokens.shape + (self.vocab_size,), jnp.float32) + 0.0 * tokens[..., None]
+
+
 def load_models(args):
   """Returns (model, teacher params, student params, vocab size, seq len, schedule)."""
   if args.workdir:
@@ -156,6 +167,12 @@ def main(argv=None):
       functions[name] = (lambda params=params, kwargs=settings[name]:
                          sampling.ancestral_sample(model, params, key, **kwargs))
 
+  constant = ConstantLogits(vocab_size)
+  for cached in (True, False):
+    loop_settings = dict(settings[f'teacher_{"cached" if cached else "uncached"}'])
+    functions[f'loop_{"cached" if cached else "uncached"}'] = (
+        lambda kwargs=loop_settings: sampling.ancestral_sample(constant, {}, key, **kwargs))
+
   seconds = common.time_interleaved(functions, args.repeats)
   seconds['forward'] = [value / FORWARD_CALLS_PER_REPEAT for value in seconds['forward']]
   forward_s = common.summarize(seconds['forward'])['median_s']
@@ -188,6 +205,14 @@ def main(argv=None):
   common.print_table(header, rows, [18, 7, 11, 12, 12, 12, 10])
   speedup = results['teacher_cached']['median_s'] / results['student_cached']['median_s']
   print(f'student speed-up over the teacher (cached, median): {speedup:.1f}x')
+  loop = {}
+  for name in ('loop_cached', 'loop_uncached'):
+    timing = common.summarize(seconds[name])
+    per_step = timing['median_s'] / args.base_steps
+    loop[name] = dict(timing, seconds_per_step=per_step,
+                      fraction_of_forward=per_step / forward_s)
+    print(f'{name}: {1e3 * per_step:.3f} ms per step without the model '
+          f'({100 * per_step / forward_s:.1f}% of one forward pass)')
 
   report = {
       'batch_size': batch_size, 'seq_len': seq_len, 'vocab_size': vocab_size,
@@ -197,6 +222,7 @@ def main(argv=None):
       'student_workdir': args.student_workdir,
       'forward': common.summarize(seconds['forward']),
       'results': results,
+      'loop': loop,
       'student_speedup_cached': speedup,
       'machine': common.machine_info(),
   }

@@ -70,7 +70,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
   if saved:
     if jax.process_index() == 0:
       write_checksums(step_dir(manager, step))
-    logging.info('Saved checkpoint at step %d to %s', step, manager.directory)
+      logging.info('Saved checkpoint at step %d to %s', step, manager.directory)
   return saved
 
 

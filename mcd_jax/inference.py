@@ -80,13 +80,12 @@ class LoadedModel:
     prefix = self.encode_prompt(prompt) if prompt else None
     kwargs = dict(batch_size=num_samples, seq_len=self.config.data.seq_len,
                   num_steps=num_steps, schedule=self.schedule, mask_id=self.vocab_size,
-                  temperature=temperature, prefix=prefix)
+                  temperature=temperature, prefix=prefix,
+                  time_conditioned=self.config.model.time_conditioning)
     if sampler == 'deterministic':
       output = sampling.deterministic_sample(self.model, self.params, rng, **kwargs)
     else:
-      output = sampling.ancestral_sample(
-          self.model, self.params, rng,
-          time_conditioned=self.config.model.time_conditioning, **kwargs)
+      output = sampling.ancestral_sample(self.model, self.params, rng, **kwargs)
     return np.asarray(output.tokens), np.asarray(output.nfe)
 
   def sample(self, num_samples: int = 4, num_steps: int = 128, temperature: float = 1.0,

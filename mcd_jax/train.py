@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from mcd_jax import checkpointing
 from mcd_jax import config_base
@@ -53,6 +54,22 @@ class _StopSignal:
       raise KeyboardInterrupt
     self.received = signal.Signals(number).name
     logging.warning('Received %s: saving a checkpoint and stopping.', self.received)
+
+  def agreed(self, step: int, every: int) -> bool:
+    """Whether to stop now; with several processes, all decide together.
+
+    The save that follows a stop is collective, so processes must stop at the
+    same step. They compare their flags every `every` steps, which delays a
+    stop by at most that many steps.
+    """
+    if jax.process_count() == 1:
+      return self.received is not None
+    if step % every:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    if flags.max() and self.received is None:
+      self.received = 'SIGTERM'  # Another process received the signal.
+    return bool(flags.max())
 
   def __exit__(self, *exc):
     for number, handler in self._previous.items():
@@ -191,7 +208,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       last_checkpoint = step
 
   with _StopSignal() as stop:
-    while step < num_steps and stop.received is None:
+    while step < num_steps and not stop.agreed(step, config.train.log_every):
       delta = 0.0
       if is_distill:
         round_index, step_in_round = schedule_of_rounds.round_for_step(step)

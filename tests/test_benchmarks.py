@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXPECTED = {
     'sampler_speed': {
-        'top': ['forward', 'results', 'student_speedup_cached', 'machine'],
+        'top': ['forward', 'results', 'loop', 'student_speedup_cached', 'machine'],
         'results': ['teacher_cached', 'teacher_uncached', 'student_cached',
                     'student_uncached'],
         'fields': ['median_s', 'seconds_per_sample', 'tokens_per_second', 'overhead',

@@ -2,8 +2,9 @@
 
 JAX creates fake CPU devices only from XLA_FLAGS read at start-up, so
 tests/sharding_worker.py runs the multi-device parts in subprocesses and this
-file compares what they write. The reference of every comparison is the mesh
-(1, 1, 1) over one device of the same process.
+file compares what they write. Steps, draws and samples are compared with the
+mesh (1, 1, 1) over one device of the same process, restored checkpoints with
+the state that was saved.
 """
 
 import json
@@ -38,6 +39,7 @@ WORKER_TIMEOUT_S = 600
 RTOL, ATOL = 1e-5, 1e-6
 SCALE_TOL = 1e-5
 PARAMS_SCALE_TOL = 1e-4
+
 
 def run_worker(args: list[str], num_devices: int, log_path, cache_dir) -> None:
   """Runs sharding_worker.py with `num_devices` fake CPU devices; fails on an error."""
