@@ -1,4 +1,4 @@
-"""What a run needs before its first step: mesh, data, model, objective, teacher.
+"""Run setup: mesh, data, model, objective and teacher, built before the first step.
 
 Also the pieces the trainer shares with the other modes: the checkpoint
 metadata check, the memory estimate, sample writing and the closing summary.
@@ -45,7 +45,7 @@ class Run:
 
 
 def build_model(config, vocab_size: int) -> nn.Module:
-  """The transformer for `config.task`: causal for the AR task, else bidirectional."""
+  """Builds the transformer for `config.task`: causal for the AR task, else bidirectional."""
   causal = config.task == 'autoregressive'
   input_size = vocab_size if causal else vocab_size + 1  # + the mask token.
   return transformer.from_config(config.model, vocab_size=input_size,

@@ -1,9 +1,9 @@
 """The one trainer: masked-diffusion teacher, autoregressive evaluator, distillation.
 
-`train_and_evaluate(config, workdir)` runs every task on the same path: the
-state is created already sharded on the mesh, each step is jitted with the
-state donated, Orbax checkpoints the state with the data iterator, and a
-distillation run also checkpoints its round's teacher so it resumes mid-round.
+`train_and_evaluate(config, workdir)` runs every task on the same path. The
+state is created already sharded on the mesh, and each step is jitted with the
+state donated. Orbax checkpoints the state with the data iterator. A
+distillation run also checkpoints its round's teacher, so it resumes mid-round.
 """
 
 import math
@@ -56,7 +56,7 @@ class _StopSignal:
     logging.warning('Received %s: saving a checkpoint and stopping.', self.received)
 
   def agreed(self, step: int, every: int) -> bool:
-    """Whether to stop now; with several processes, all decide together.
+    """Decides whether to stop now; with several processes, all decide together.
 
     The save that follows a stop is collective, so processes must stop at the
     same step. They compare their flags every `every` steps, which delays a
