@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mcd_jax import checkpointing
+from mcd_jax import metrics as metrics_lib
 from mcd_jax import objectives
 from mcd_jax import sampling
 from mcd_jax import schedules
@@ -169,9 +170,13 @@ def write_samples(run: Run, params, rng, step: int, workdir: str) -> dict[str, s
   config = run.config
   if config.task == 'autoregressive':
     return {}
-  tokens, nfe = sample_tokens(run.model, params, rng, config.sampling, config.data.seq_len,
-                              run.schedule, run.datasets.tokenizer.vocab_size,
-                              config.model.time_conditioning)
+  settings = config.sampling
+  tokens, nfe = sample_tokens(
+      run.model, params, rng, sampler=settings.sampler, num_samples=settings.num_samples,
+      batch_size=settings.batch_size, num_steps=settings.num_steps,
+      temperature=settings.temperature, seq_len=config.data.seq_len, schedule=run.schedule,
+      vocab_size=run.datasets.tokenizer.vocab_size,
+      time_conditioned=config.model.time_conditioning)
   texts = [run.datasets.tokenizer.decode(row) for row in tokens]
   paths = {}
   if jax.process_index() == 0:
@@ -193,29 +198,34 @@ def write_samples(run: Run, params, rng, step: int, workdir: str) -> dict[str, s
   return paths
 
 
-def sample_tokens(model, params, rng, sampling_config, seq_len: int, schedule,
-                  vocab_size: int, time_conditioned: bool):
-  """Draws `num_samples` sequences in batches; returns host int32[N, L] and NFE[N]."""
+def sample_tokens(model, params, rng, *, sampler: str, num_samples: int, batch_size: int,
+                  num_steps: int, temperature: float, seq_len: int, schedule,
+                  vocab_size: int, time_conditioned: bool, prefix=None):
+  """Draws `num_samples` sequences in batches; returns host int32[N, L] and NFE[N].
+
+  Batch b uses `fold_in(rng, offset)` (ancestral) or the sample indices
+  offset, offset + 1, ... (deterministic), so the texts do not depend on
+  `batch_size` for the deterministic sampler.
+  """
   all_tokens, all_nfe = [], []
-  num_samples = sampling_config.num_samples
-  batch_size = sampling_config.batch_size
+  progress = metrics_lib.Progress(num_samples, 0, 'sampling', log_every=1)
   for offset in range(0, num_samples, batch_size):
     size = min(batch_size, num_samples - offset)
-    if sampling_config.sampler == 'deterministic':
-      output = sampling.deterministic_sample(
-          model, params, rng, batch_size=size, seq_len=seq_len,
-          num_steps=sampling_config.num_steps, schedule=schedule, mask_id=vocab_size,
-          temperature=sampling_config.temperature, sample_offset=offset,
-          time_conditioned=time_conditioned)
+    settings = dict(batch_size=size, seq_len=seq_len, num_steps=num_steps,
+                    schedule=schedule, mask_id=vocab_size, temperature=temperature,
+                    time_conditioned=time_conditioned, prefix=prefix)
+    if sampler == 'deterministic':
+      output = sampling.deterministic_sample(model, params, rng, sample_offset=offset,
+                                             **settings)
     else:
-      output = sampling.ancestral_sample(
-          model, params, jax.random.fold_in(rng, offset), batch_size=size,
-          seq_len=seq_len, num_steps=sampling_config.num_steps, schedule=schedule,
-          mask_id=vocab_size, temperature=sampling_config.temperature,
-          time_conditioned=time_conditioned)
+      output = sampling.ancestral_sample(model, params, jax.random.fold_in(rng, offset),
+                                         **settings)
     all_tokens.append(np.asarray(multihost_utils.process_allgather(output.tokens,
                                                                    tiled=True)))
     all_nfe.append(np.asarray(multihost_utils.process_allgather(output.nfe, tiled=True)))
+    done = offset + size
+    progress.update(done, {'samples': done, 'mean_nfe': float(np.mean(all_nfe[-1]))})
+  progress.close()
   return np.concatenate(all_tokens), np.concatenate(all_nfe)
 
 

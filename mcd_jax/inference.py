@@ -75,18 +75,16 @@ class LoadedModel:
     return True
 
   def sample_tokens(self, rng, num_samples: int, num_steps: int, temperature: float = 1.0,
-                    sampler: str = 'ancestral', prompt: str = '') -> tuple[np.ndarray, np.ndarray]:
-    """Samples token ids int32[N, L] and the NFE spent per sample."""
+                    sampler: str = 'ancestral', prompt: str = '',
+                    batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Samples token ids int32[N, L] and the NFE spent per sample, in batches."""
     prefix = self.encode_prompt(prompt) if prompt else None
-    kwargs = dict(batch_size=num_samples, seq_len=self.config.data.seq_len,
-                  num_steps=num_steps, schedule=self.schedule, mask_id=self.vocab_size,
-                  temperature=temperature, prefix=prefix,
-                  time_conditioned=self.config.model.time_conditioning)
-    if sampler == 'deterministic':
-      output = sampling.deterministic_sample(self.model, self.params, rng, **kwargs)
-    else:
-      output = sampling.ancestral_sample(self.model, self.params, rng, **kwargs)
-    return np.asarray(output.tokens), np.asarray(output.nfe)
+    return experiment.sample_tokens(
+        self.model, self.params, rng, sampler=sampler, num_samples=num_samples,
+        batch_size=batch_size or num_samples, num_steps=num_steps, temperature=temperature,
+        seq_len=self.config.data.seq_len, schedule=self.schedule,
+        vocab_size=self.vocab_size, time_conditioned=self.config.model.time_conditioning,
+        prefix=prefix)
 
   def sample(self, num_samples: int = 4, num_steps: int = 128, temperature: float = 1.0,
              sampler: str = 'ancestral', prompt: str = '', seed: int = 0) -> list[str]:
@@ -158,7 +156,8 @@ def sample_workdir(config, workdir: str) -> dict:
   rng = jax.random.key(config.seed)
   start = time.time()
   tokens, nfe = loaded.sample_tokens(rng, settings.num_samples, settings.num_steps,
-                                     settings.temperature, settings.sampler, settings.prompt)
+                                     settings.temperature, settings.sampler, settings.prompt,
+                                     batch_size=settings.batch_size)
   seconds = time.time() - start
   texts = [loaded.tokenizer.decode(row) for row in tokens]
   directory = workdir_lib.samples_dir(workdir)

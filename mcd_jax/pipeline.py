@@ -26,6 +26,7 @@ from mcd_jax import checkpointing
 from mcd_jax import config_base
 from mcd_jax import evaluation
 from mcd_jax import inference
+from mcd_jax import metrics as metrics_lib
 from mcd_jax import sampling
 from mcd_jax import train
 from mcd_jax import workdir as workdir_lib
@@ -123,17 +124,22 @@ def evaluate_table(config, workdir: str, teacher_dir: str, evaluator_dir: str,
   base_steps = config.distill.base_steps
   rng = jax.random.key(config.seed)
   rows = []
+  # The temperature search measures more rows than these; the ETA ignores them.
+  planned = 1 + len(config.pipeline.step_divisors) * (len(students) + 2)
+  progress = metrics_lib.Progress(planned, 0, 'evaluation', log_every=1)
 
-  row, _ = _measure('teacher', teacher, evaluator, base_steps, 1.0, config, rng)
-  rows.append(row)
+  def add(row):
+    rows.append(row)
+    progress.update(len(rows), {'gen_ppl': row['gen_ppl'], 'nfe': row['nfe']})
+
+  add(_measure('teacher', teacher, evaluator, base_steps, 1.0, config, rng)[0])
   for divisor in config.pipeline.step_divisors:
     steps = max(1, base_steps // divisor)
-    row, _ = _measure('teacher', teacher, evaluator, steps, 1.0, config, rng)
-    rows.append(row)
+    add(_measure('teacher', teacher, evaluator, steps, 1.0, config, rng)[0])
     reference_entropy = None
     for name, loaded in students.items():
       row, _ = _measure(name, loaded, evaluator, steps, 1.0, config, rng)
-      rows.append(row)
+      add(row)
       if reference_entropy is None:
         reference_entropy = row['entropy']
 
@@ -146,9 +152,9 @@ def evaluate_table(config, workdir: str, teacher_dir: str, evaluator_dir: str,
 
       temperature = evaluation.match_temperature(
           entropy_at, reference_entropy, low=config.pipeline.temperature_low)
-      row, _ = _measure('teacher (temperature-matched)', teacher, evaluator, steps,
-                        temperature, config, rng)
-      rows.append(row)
+      add(_measure('teacher (temperature-matched)', teacher, evaluator, steps, temperature,
+                   config, rng)[0])
+  progress.close()
 
   results = os.path.join(workdir, 'results')
   os.makedirs(results, exist_ok=True)
