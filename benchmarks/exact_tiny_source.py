@@ -17,36 +17,9 @@ with entropies in nats. Run from the repository root:
 import argparse
 
 import numpy as np
-import scipy.optimize
 
 from mcd_jax import exact
 from mcd_jax import schedules
-
-
-def tempered(table, temperature):
-  """Returns the table with each distribution raised to 1 / temperature and renormalised."""
-  with np.errstate(divide='ignore'):
-    logits = np.log(table) / temperature
-  logits -= logits.max(axis=-1, keepdims=True)
-  probs = np.exp(logits)
-  return probs / probs.sum(axis=-1, keepdims=True)
-
-
-def entropy_matched_teacher(teacher, target_entropy, num_steps, schedule, seq_len, vocab_size):
-  """Returns (temperature, sampler distribution) whose entropy equals `target_entropy`."""
-
-  def distribution(temperature):
-    return exact.sampler_distribution(tempered(teacher, temperature), num_steps, schedule,
-                                      seq_len, vocab_size)
-
-  def gap(log_temperature):
-    return exact.entropy(distribution(np.exp(log_temperature))) - target_entropy
-
-  # Entropy grows with the temperature; search temperatures in [e^-3, e^1].
-  if gap(-3.0) > 0 or gap(1.0) < 0:
-    return float('nan'), distribution(1.0)
-  log_temperature = scipy.optimize.brentq(gap, -3.0, 1.0, xtol=1e-6)
-  return float(np.exp(log_temperature)), distribution(np.exp(log_temperature))
 
 
 def evaluate(source, seq_len, vocab_size, step_counts, schedule):
@@ -65,7 +38,7 @@ def evaluate(source, seq_len, vocab_size, step_counts, schedule):
       return tables[t]
 
     student_q = exact.sampler_distribution(student, num_steps, schedule, seq_len, vocab_size)
-    temperature, tempered_q = entropy_matched_teacher(
+    temperature, tempered_q = exact.entropy_matched_sampler(
         teacher, exact.entropy(student_q), num_steps, schedule, seq_len, vocab_size)
 
     teacher_kl = exact.kl_divergence(teacher_q, source)

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import scipy.optimize
 
 from mcd_jax import config_base
 from mcd_jax import exact
@@ -92,30 +91,6 @@ def train_model(config, model, objective, batches, num_steps, learning_rate, see
   if round_schedule is not None and snapshot_rounds:
     snapshots[round_schedule.num_rounds - 1] = jax.device_get(state.ema_params)
   return jax.device_get(state.ema_params), snapshots
-
-
-def tempered(table, temperature):
-  with np.errstate(divide='ignore'):
-    logits = np.log(table) / temperature
-  logits -= logits.max(axis=-1, keepdims=True)
-  probabilities = np.exp(logits)
-  return probabilities / probabilities.sum(axis=-1, keepdims=True)
-
-
-def entropy_matched(teacher_table, target_entropy, num_steps, schedule, seq_len, vocab_size):
-  """The teacher's sampler with its temperature tuned to `target_entropy`."""
-
-  def distribution(temperature):
-    return exact.sampler_distribution(tempered(teacher_table, temperature), num_steps,
-                                      schedule, seq_len, vocab_size)
-
-  def gap(log_temperature):
-    return exact.entropy(distribution(np.exp(log_temperature))) - target_entropy
-
-  if gap(-3.0) > 0 or gap(1.0) < 0:
-    return float('nan'), distribution(1.0)
-  log_temperature = scipy.optimize.brentq(gap, -3.0, 1.0, xtol=1e-4)
-  return float(np.exp(log_temperature)), distribution(np.exp(log_temperature))
 
 
 def main(argv=None) -> dict:
@@ -188,8 +163,9 @@ def main(argv=None) -> dict:
       q = exact.sampler_distribution(table, num_steps, schedule, seq_len, vocab_size)
       row[f'{name}_kl'] = exact.kl_divergence(q, source)
       row[f'{name}_entropy'] = exact.entropy(q)
-    temperature, tempered_q = entropy_matched(teacher_table, row['mcd_data_entropy'],
-                                              num_steps, schedule, seq_len, vocab_size)
+    temperature, tempered_q = exact.entropy_matched_sampler(
+        teacher_table, row['mcd_data_entropy'], num_steps, schedule, seq_len, vocab_size,
+        xtol=1e-4)
     row['tempered_teacher_kl'] = exact.kl_divergence(tempered_q, source)
     row['tempered_teacher_temperature'] = temperature
     rows.append(row)

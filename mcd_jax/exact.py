@@ -19,6 +19,7 @@ from typing import Callable, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.optimize
 import scipy.sparse
 import scipy.special
 
@@ -407,6 +408,41 @@ def mcd_optimal_denoiser(source_probs, seq_len: int, vocab_size: int, t: float, 
   else:
     result[cells] = _minimise_ce_plus_reverse_kl(posterior[cells], expected[cells], reveal)
   return result
+
+
+# ---- Temperature control ----
+
+
+def tempered_table(table, temperature: float) -> np.ndarray:
+  """Raises each distribution of `table` to 1 / temperature and renormalises."""
+  with np.errstate(divide='ignore'):
+    logits = np.log(table) / temperature
+  logits -= logits.max(axis=-1, keepdims=True)
+  probabilities = np.exp(logits)
+  return probabilities / probabilities.sum(axis=-1, keepdims=True)
+
+
+def entropy_matched_sampler(teacher_table, target_entropy: float, num_steps: int,
+                            schedule: schedules.Schedule, seq_len: int, vocab_size: int,
+                            xtol: float = 1e-6) -> tuple[float, np.ndarray]:
+  """Returns (T, sampler distribution) of the teacher at temperature T whose entropy
+  equals `target_entropy`: the sharpening-only control for a distilled student.
+
+  Entropy grows with T; the search covers T in [e^-3, e^1]. When the target lies
+  outside that range, T is NaN and the distribution is the teacher's at T = 1.
+  """
+
+  def distribution(temperature):
+    return sampler_distribution(tempered_table(teacher_table, temperature), num_steps,
+                                schedule, seq_len, vocab_size)
+
+  def gap(log_temperature):
+    return entropy(distribution(np.exp(log_temperature))) - target_entropy
+
+  if gap(-3.0) > 0 or gap(1.0) < 0:
+    return float('nan'), distribution(1.0)
+  log_temperature = scipy.optimize.brentq(gap, -3.0, 1.0, xtol=xtol)
+  return float(np.exp(log_temperature)), distribution(np.exp(log_temperature))
 
 
 # ---- A JAX model's denoiser table ----

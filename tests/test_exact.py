@@ -242,3 +242,18 @@ def test_model_denoiser_table_layout():
       else:
         logits = i * symbols + 0.1 * vocab_size * symbols + t * symbols ** 2
         np.testing.assert_allclose(table[index, i], scipy.special.softmax(logits), rtol=1e-5)
+
+
+def test_entropy_matched_sampler_recovers_temperature():
+  seq_len, vocab_size = 3, 3
+  schedule = schedules.get_schedule('linear')
+  source = exact.mixture_source(seq_len, vocab_size, seed=1)
+  teacher = exact.posterior_denoiser(source, seq_len, vocab_size)
+  target = exact.entropy(exact.sampler_distribution(
+      exact.tempered_table(teacher, 0.8), 2, schedule, seq_len, vocab_size))
+
+  temperature, distribution = exact.entropy_matched_sampler(
+      teacher, target, 2, schedule, seq_len, vocab_size)
+
+  assert abs(temperature - 0.8) < 1e-4
+  assert abs(exact.entropy(distribution) - target) < 1e-6
