@@ -3,7 +3,7 @@
 Gen PPL is the perplexity of generated samples under an autoregressive
 evaluator trained on the same corpus and tokenizer. The negative
 log-likelihood is summed over every generated token of every sample and
-divided once by the token count before exponentiating; per-batch perplexities
+divided once by the token count before exponentiating. Per-batch perplexities
 are never averaged.
 """
 
@@ -41,7 +41,7 @@ def _log_likelihood(model, params, tokens):
 
 def sample_nll(evaluator_model, evaluator_params, tokens: np.ndarray, batch_size: int = 64
               ) -> tuple[np.ndarray, np.ndarray]:
-  """Summed NLL (nats) and predicted-token count of each sample, float64[N] each."""
+  """Computes the summed NLL (nats) and predicted-token count of each sample, float64[N] each."""
   nll, counts = [], []
   for start in range(0, len(tokens), batch_size):
     log_prob, count = _log_likelihood(evaluator_model, evaluator_params,
@@ -68,7 +68,7 @@ def gen_ppl_with_interval(nll: np.ndarray, counts: np.ndarray) -> tuple[float, f
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
-  """Entropy (nats) of each sample's empirical token distribution, float64[N]."""
+  """Computes the entropy (nats) of each sample's empirical token distribution, float64[N]."""
   entropies = np.empty(len(tokens))
   for index, row in enumerate(np.asarray(tokens)):
     counts = np.bincount(row, minlength=vocab_size).astype(np.float64)
@@ -110,7 +110,7 @@ def timed_sampling(sample_fn, rng, num_samples: int, batch_size: int):
 
 def match_temperature(entropy_at, target_entropy: float, low: float = 0.5, high: float = 1.0,
                       iterations: int = 6) -> float:
-  """Bisection on T so that `entropy_at(T)` (increasing in T) meets the target.
+  """Finds T by bisection so that `entropy_at(T)` (increasing in T) meets the target.
 
   Returns the end of [low, high] when the target lies outside the range the
   endpoints reach.

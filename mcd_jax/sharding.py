@@ -85,7 +85,7 @@ def tree_bytes(tree: Any) -> int:
 
 
 def bytes_per_device(tree: Any, shardings: Any) -> int:
-  """Bytes of `tree` that the most loaded device holds under `shardings`."""
+  """Computes the bytes of `tree` on the most loaded device under `shardings`."""
   total = 0
   for leaf, sharding in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(
       shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
@@ -97,7 +97,7 @@ def bytes_per_device(tree: Any, shardings: Any) -> int:
 def activation_bytes_estimate(batch_per_device: int, seq_len: int, d_model: int,
                               mlp_dim: int, num_layers: int, num_heads: int,
                               dtype_bytes: int, remat: bool) -> int:
-  """An estimate of the activation memory one training step keeps for backprop.
+  """Estimates the activation memory one training step keeps for backprop.
 
   Per layer and token: the residual stream, attention inputs and outputs,
   the MLP hidden layer and the attention probabilities. With remat only the
@@ -113,7 +113,7 @@ def activation_bytes_estimate(batch_per_device: int, seq_len: int, d_model: int,
 
 
 def device_memory_bytes() -> int | None:
-  """The first local device's memory limit, or None where the backend has none (CPU)."""
+  """Returns the first local device's memory limit, or None where the backend has none (CPU)."""
   device = jax.local_devices()[0]
   try:
     stats = device.memory_stats()
