@@ -145,10 +145,13 @@ def load_params(manager, config, model, mesh, use_ema: bool = True, step: int | 
   return state.ema_params if use_ema else state.params
 
 
-def memory_estimate(config, state, state_shardings, has_teacher: bool) -> dict[str, int]:
+def memory_estimate(config, state, state_shardings, has_teacher: bool,
+                    vocab_size: int = 0) -> dict[str, int]:
+  """Estimates the bytes per device of each part of a training step (an estimate)."""
   params = sharding.bytes_per_device(state.params, state_shardings.params)
   estimate = {
       'student params' if has_teacher else 'params': params,
+      'gradients': params,
       'EMA params': sharding.bytes_per_device(state.ema_params, state_shardings.ema_params),
       'optimizer state': sharding.bytes_per_device(state.opt_state, state_shardings.opt_state),
   }
@@ -162,6 +165,9 @@ def memory_estimate(config, state, state_shardings, has_teacher: bool) -> dict[s
   estimate['activations'] = forward_passes * sharding.activation_bytes_estimate(
       per_device, config.data.seq_len, config.model.d_model, config.model.mlp_dim,
       config.model.num_layers, config.model.num_heads, dtype_bytes, config.model.remat)
+  # float32 logits and their log-softmax (or gradient), per forward pass; with a
+  # large vocabulary these dominate the activations.
+  estimate['logits'] = forward_passes * 2 * per_device * config.data.seq_len * vocab_size * 4
   return estimate
 
 

@@ -187,7 +187,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   run.initial_teacher_params = None  # Free the host reference.
 
   sharding.check_memory(experiment.memory_estimate(
-      config, state, state_shardings, has_teacher=is_distill))
+      config, state, state_shardings, has_teacher=is_distill,
+      vocab_size=run.meta['vocab_size']))
   train_step = make_train_step(run.objective, tx, config.optim.ema_rate, state_shardings,
                                sharding.batch_sharding(mesh), teacher_shardings, mesh)
 
