@@ -139,7 +139,7 @@ _CHOICES = {
 _AT_LEAST_ONE = (
     'data.seq_len', 'data.batch_size', 'model.d_model', 'model.num_layers',
     'model.num_heads', 'model.mlp_dim', 'train.num_steps', 'train.log_every',
-    'train.eval_batches', 'train.keep_checkpoints', 'sampling.num_steps',
+    'train.eval_every', 'train.checkpoint_every', 'train.eval_batches', 'train.keep_checkpoints', 'sampling.num_steps',
     'sampling.num_samples', 'sampling.batch_size', 'distill.base_steps',
     'distill.steps_per_round', 'pipeline.num_samples', 'pipeline.batch_size')
 
@@ -207,6 +207,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         'The head dimension model.d_model / model.num_heads must be even for '
         f'rotary embeddings, got {config.model.d_model // config.model.num_heads}.')
+  # (key, lowest, highest, whether the lowest is allowed) for float ranges.
+  ranges = (
+      ('optim.learning_rate', 0.0, float('inf'), False),
+      ('optim.grad_clip', 0.0, float('inf'), False),
+      ('optim.weight_decay', 0.0, float('inf'), True),
+      ('optim.b1', 0.0, 1.0, True),
+      ('optim.b2', 0.0, 1.0, True),
+      ('optim.ema_rate', 0.0, 1.0, True),
+      ('sampling.temperature', 0.0, float('inf'), False),
+      ('pipeline.temperature_low', 0.0, 1.0, False),
+      ('model.dropout_rate', 0.0, 1.0, True),
+  )
+  for name, low, high, low_allowed in ranges:
+    value = values[name]
+    above_low = value >= low if low_allowed else value > low
+    if not (above_low and value < high) and not (name == 'pipeline.temperature_low'
+                                                 and value == 1.0):
+      bound = '>=' if low_allowed else '>'
+      upper = f' and < {high}' if high != float('inf') else ''
+      raise ConfigError(f'Config key {name!r} must be {bound} {low}{upper}, got {value}.')
+  for name in ('optim.warmup_steps', 'train.sample_every'):
+    if values[name] < 0:
+      raise ConfigError(f'Config key {name!r} must be at least 0, got {values[name]}.')
+
   if not 0.0 < config.data.validation_fraction < 1.0:
     raise ConfigError(
         'data.validation_fraction must lie strictly between 0 and 1, got '

@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mcd_jax import checkpointing
+from mcd_jax import config_base
 from mcd_jax import metrics as metrics_lib
 from mcd_jax import objectives
 from mcd_jax import sampling
@@ -108,8 +109,16 @@ def setup(config, workdir: str, allow_config_change: bool = False) -> Run:
     # Data, model and schedule come from the teacher, so a student can never
     # be trained with another schedule or tokenizer than its teacher.
     student_batch_size = config.data.batch_size
+    defaults = config_base.base_config()
     for section in ('data', 'model', 'diffusion'):
-      config[section] = ml_collections.ConfigDict(teacher_config[section].to_dict())
+      teacher_section = ml_collections.ConfigDict(teacher_config[section].to_dict())
+      for key, value in config[section].items():
+        # Warn about values set on purpose: neither the default nor the teacher's.
+        chosen = value != defaults[section][key] and value != teacher_section.get(key)
+        if key != 'batch_size' and chosen:
+          logging.warning('%s.%s=%r is ignored: a student uses its teacher\'s %r.',
+                          section, key, value, teacher_section.get(key))
+      config[section] = teacher_section
     config.data.batch_size = student_batch_size
     teacher = (teacher_manager, teacher_meta)
     if jax.process_index() == 0 and not os.path.exists(tokenizer_dir):
@@ -213,6 +222,11 @@ def sample_tokens(model, params, rng, *, sampler: str, num_samples: int, batch_s
   offset, offset + 1, ... (deterministic), so the texts do not depend on
   `batch_size` for the deterministic sampler.
   """
+  if sampler not in ('ancestral', 'deterministic'):
+    raise ValueError(f"Unknown sampler {sampler!r}; choose 'ancestral' or 'deterministic'.")
+  if num_samples < 1 or batch_size < 1:
+    raise ValueError(f'num_samples ({num_samples}) and batch_size ({batch_size}) must be '
+                     'at least 1.')
   all_tokens, all_nfe = [], []
   progress = metrics_lib.Progress(num_samples, 0, 'sampling', log_every=1)
   for offset in range(0, num_samples, batch_size):

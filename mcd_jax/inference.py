@@ -5,6 +5,7 @@
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -139,13 +140,14 @@ def evaluate_workdir(config, workdir: str) -> dict:
                                         loaded.vocab_size)
   bits = train.evaluate(objective.eval_fn, loaded.params, datasets.validation_rows,
                         saved.data.batch_size, config.train.eval_batches,
-                        jax.random.key(config.seed), loaded.mesh)
+                        train.evaluation_rng(config.seed), loaded.mesh)
   record = {'workdir': os.path.abspath(workdir), 'step': loaded.step, 'task': saved.task,
             objective.eval_name: bits, 'perplexity_bound': 2 ** bits,
             'eval_batches': config.train.eval_batches}
   logging.info('%s at step %d: %s = %.4f (perplexity %.3f)', workdir, loaded.step,
                objective.eval_name, bits, 2 ** bits)
-  _write_json(os.path.join(workdir, f'eval_step_{loaded.step}.json'), record)
+  name = f'eval_step_{loaded.step}_seed{config.seed}_{config.train.eval_batches}batches.json'
+  _write_json(os.path.join(workdir, name), record)
   return record
 
 
@@ -162,7 +164,11 @@ def sample_workdir(config, workdir: str) -> dict:
   texts = [loaded.tokenizer.decode(row) for row in tokens]
   directory = workdir_lib.samples_dir(workdir)
   os.makedirs(directory, exist_ok=True)
-  stem = f'sample_{settings.sampler}_{settings.num_steps}steps_T{settings.temperature:g}'
+  stem = (f'sample_{settings.sampler}_{settings.num_steps}steps_T{settings.temperature:g}'
+          f'_seed{config.seed}')
+  if settings.prompt:
+    # A short hash keeps outputs of different prompts apart without long names.
+    stem += '_prompt' + hashlib.sha256(settings.prompt.encode('utf-8')).hexdigest()[:8]
   with open(os.path.join(directory, stem + '.txt'), 'w', encoding='utf-8') as f:
     for index, text in enumerate(texts):
       f.write(f'===== sample {index} =====\n{text}\n')

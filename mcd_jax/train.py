@@ -126,6 +126,11 @@ def evaluate(eval_fn, params, rows: np.ndarray, batch_size: int, max_batches: in
   return total_nats / total_tokens / math.log(2)
 
 
+def evaluation_rng(seed: int):
+  """Returns the key of validation ELBO draws, shared by training and --mode evaluate."""
+  return jax.random.split(jax.random.key(seed), 4)[2]
+
+
 def _check_finite(step_metrics: dict[str, float], first_step: int, step: int,
                   last_checkpoint: int | None) -> None:
   bad = {name: value for name, value in step_metrics.items() if not math.isfinite(value)}
@@ -162,8 +167,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   teacher_shardings = state_shardings.params if is_distill else None
   manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(workdir),
                                        keep=config.train.keep_checkpoints)
-  rng = jax.random.key(config.seed)
-  init_rng, train_rng, eval_rng, sample_rng = jax.random.split(rng, 4)
+  init_rng, train_rng, eval_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 4)
 
   teacher_params = None
   if manager.latest_step() is not None:

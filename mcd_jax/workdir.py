@@ -14,9 +14,13 @@ import shutil
 from absl import logging
 import ml_collections
 
-# Keys that may change between a run and its resumption: lengths, intervals,
-# sampling settings and the mesh, none of which changes what was trained.
-RESUMABLE_PREFIXES = ('train.', 'sampling.', 'mesh.', 'distill.teacher_workdir')
+# Keys that may change between a run and its resumption: intervals, sampling
+# settings and the mesh, none of which changes what is trained. train.num_steps
+# is not among them because the learning-rate decay is scaled to it.
+RESUMABLE_PREFIXES = ('train.log_every', 'train.eval_every', 'train.eval_batches',
+                      'train.checkpoint_every', 'train.keep_checkpoints',
+                      'train.sample_every', 'sampling.', 'mesh.', 'pipeline.',
+                      'distill.teacher_workdir')
 
 
 class WorkdirError(ValueError):
