@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Embedding rows and head outputs are padded to a multiple of this, so the
   # vocabulary axis divides the tensor-parallel mesh axis.
   config.model.pad_vocab_multiple = 128
+  # > 0 adds a learned absolute position embedding for that many positions.
+  config.model.absolute_positions = 0
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.schedule = 'loglinear'  # 'linear' | 'cosine' | 'loglinear'
