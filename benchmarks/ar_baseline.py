@@ -35,31 +35,8 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--vocab-size', type=int, default=80,
                       help='K (the Bible character vocabulary is about 80).')
-  parser.add_argument('--seq-len', type=int, default=128, help='Tokens per sample (L).')
-  parser.add_argument('--d-model', type=int, default=256, help='Residual width.')
-  parser.add_argument('--num-layers', type=int, default=4, help='Transformer blocks.')
-  parser.add_argument('--num-heads', type=int, default=4, help='Attention heads.')
-  parser.add_argument('--mlp-dim', type=int, default=1024, help='MLP hidden width.')
-  parser.add_argument('--batch-size', type=int, default=8, help='Samples per batch (B).')
-  parser.add_argument('--base-steps', type=int, default=256,
-                      help="N₀, the teacher's number of sampling steps.")
-  parser.add_argument('--step-divisor', type=int, default=16,
-                      help='The student samples in N₀ / this many steps.')
-  parser.add_argument('--schedule', default='loglinear', help='Masking schedule α_t.')
-  parser.add_argument('--repeats', type=int, default=3,
-                      help='Timed calls per sampler after one warm-up call.')
-  parser.add_argument('--smoke', action='store_true',
-                      help='Tiny model (d_model 32, L 32, B 4, N₀ 32) and 2 repeats, for CI.')
-  parser.add_argument('--output', default=None,
-                      help='Path of the JSON results file. No file is written if unset.')
-  args = parser.parse_args(argv)
-  if args.smoke:
-    args.d_model, args.num_layers, args.num_heads, args.mlp_dim = 32, 2, 2, 64
-    args.seq_len, args.batch_size, args.base_steps, args.repeats = 32, 4, 32, 2
-  if args.base_steps % args.step_divisor:
-    parser.error(f'--base-steps ({args.base_steps}) must be divisible by '
-                 f'--step-divisor ({args.step_divisor}).')
-  return args
+  common.add_sampler_arguments(parser, repeats_help='Timed calls per sampler after one warm-up call.')
+  return common.parse_sampler_arguments(parser, argv)
 
 
 def init_params(model, seq_len: int, seed: int):
