@@ -14,6 +14,8 @@ import shutil
 from absl import logging
 import ml_collections
 
+from mcd_jax import config_base
+
 # Keys that may change between a run and its resumption: intervals, sampling
 # settings and the mesh, none of which changes what is trained. train.num_steps
 # is not among them because the learning-rate decay is scaled to it.
@@ -83,11 +85,13 @@ def has_checkpoint(workdir: str) -> bool:
 def config_differences(saved: dict, current: dict) -> list[str]:
   """Lists `key: saved -> current` for keys that change what a run trains."""
   saved_flat, current_flat = _flatten(saved), _flatten(current)
+  # A key added to mcd_jax after the workdir was written has its default there.
+  defaults = json.loads(json.dumps(config_base.flat_defaults()))
   differences = []
   for key in sorted(set(saved_flat) | set(current_flat)):
     if key.startswith(RESUMABLE_PREFIXES):
       continue
-    old, new = saved_flat.get(key, '<absent>'), current_flat.get(key, '<absent>')
+    old, new = saved_flat.get(key, defaults.get(key, '<absent>')), current_flat.get(key, '<absent>')
     if old != new:
       differences.append(f'{key}: {old!r} -> {new!r}')
   return differences

@@ -240,3 +240,19 @@ def test_markov_teacher_elbo_above_entropy_rate(tmp_path):
   assert elbo_bits > source.entropy_rate_bits - 0.35
   # And the teacher learned something: it beats the uniform 2 bits per symbol.
   assert elbo_bits < math.log2(4) + 0.5
+
+
+def test_new_config_key_keeps_resume(tmp_path):
+  # A workdir written before a key existed resumes when the key has its default.
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(num_steps=4), workdir)
+  path = workdir_lib.config_path(workdir)
+  with open(path, encoding='utf-8') as f:
+    saved = json.load(f)
+  del saved['model']['absolute_positions']
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(saved, f)
+
+  summary = train.train_and_evaluate(tiny_config(num_steps=4), workdir)
+
+  assert summary['step'] == 4
