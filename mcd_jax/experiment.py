@@ -67,6 +67,10 @@ def run_meta(config, tokenizer) -> dict:
 
 def check_meta(saved: dict, current: dict, workdir: str) -> None:
   """Raises ExperimentError when a checkpoint was written by another kind of run."""
+  # Model keys added to mcd_jax after the checkpoint was written take their defaults.
+  saved = dict(saved)
+  saved['model'] = dict(json.loads(config_base.base_config().model.to_json()),
+                        **saved.get('model', {}))
   for key in ('task', 'vocab_size', 'tokenizer_fingerprint', 'seq_len', 'model', 'schedule'):
     if saved.get(key) != current.get(key):
       raise ExperimentError(

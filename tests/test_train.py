@@ -252,6 +252,13 @@ def test_new_config_key_keeps_resume(tmp_path):
   del saved['model']['absolute_positions']
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(saved, f)
+  meta_path = os.path.join(workdir_lib.checkpoint_dir(workdir), '4', 'meta', 'metadata')
+  with open(meta_path, encoding='utf-8') as f:
+    meta = json.load(f)
+  del meta['model']['absolute_positions']
+  with open(meta_path, 'w', encoding='utf-8') as f:
+    json.dump(meta, f)
+  os.remove(os.path.join(workdir_lib.checkpoint_dir(workdir), '4', 'mcd_checksums.json'))
 
   summary = train.train_and_evaluate(tiny_config(num_steps=4), workdir)
 
