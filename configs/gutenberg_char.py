@@ -6,8 +6,9 @@ mcd_jax; point MCD_DATA_DIR at a folder holding gutenberg/*.txt):
   MCD_DATA_DIR=../shared/data python -m mcd_jax.main \
       --config configs/gutenberg_char.py --workdir /tmp/gutenberg_char
 
-Sized to reach a useful ELBO in about two hours on 2 CPU cores; it resumes
-from its workdir, so it can run in several sittings. Expected result: see
+Its 6,000 steps take about 1.5 hours alone on 2 CPU cores, an estimate from
+the 1.1 steps per second measured there. It resumes from its workdir, so it
+can run in several sittings. Expected result: see
 docs/results.md for the validation bits per character, steps and wall-clock.
 """
 

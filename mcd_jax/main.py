@@ -109,7 +109,7 @@ def initialize_runtime() -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-  """The exceptions that mean bad input and get a one-line message."""
+  """Returns the exceptions that mean bad input and get a one-line message."""
   # pylint: disable=import-outside-toplevel
   from mcd_jax import checkpointing, config_base, experiment, inference, sharding, train
   from mcd_jax import workdir

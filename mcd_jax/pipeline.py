@@ -64,7 +64,7 @@ def _is_finished(workdir: str, num_steps: int) -> bool:
 
 
 class StageStopped(Exception):
-  """A stage stopped by a signal; `result` holds the signal name and the step."""
+  """A stage stopped by a signal; `result` contains the signal name and the step."""
 
   def __init__(self, result: dict):
     super().__init__(f'stopped by {result["stopped_by"]} at step {result["step"]}')

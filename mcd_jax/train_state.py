@@ -74,8 +74,3 @@ def create_state(model, tx, rng, mesh, rules, seq_len: int):
   _, shardings = abstract_state_and_shardings(model, tx, mesh, rules, seq_len)
   init = lambda key: nn.meta.unbox(_init_boxed_state(model, tx, key, 1, seq_len))
   return jax.jit(init, out_shardings=shardings)(rng), shardings
-
-
-def param_shardings(state_shardings: TrainState):
-  """The shardings of one parameter tree (the teacher reuses the student's)."""
-  return state_shardings.params

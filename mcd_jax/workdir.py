@@ -56,7 +56,7 @@ def _flatten(tree, prefix=''):
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
-  """A JSON round-trip of the config (tuples become lists)."""
+  """Returns the config as plain JSON data (tuples become lists)."""
   return json.loads(config.to_json())
 
 
