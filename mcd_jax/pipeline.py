@@ -200,30 +200,33 @@ def _run_pipeline(config, workdir: str) -> list[dict]:
     raise config_base.ConfigError(
         f'--mode pipeline needs a distillation config (task "distill"), got task '
         f'{config.task!r}; try configs/mcd_bible_char.py.')
+  if not (config.distill.teacher_workdir or config.pipeline.teacher_config):
+    raise config_base.ConfigError(
+        'Set distill.teacher_workdir to a trained teacher, or pipeline.teacher_config '
+        'to a config to train one.')
+  if not (config.pipeline.evaluator_workdir or config.pipeline.evaluator_config):
+    raise config_base.ConfigError(
+        'Set pipeline.evaluator_workdir to a trained autoregressive model, or '
+        'pipeline.evaluator_config to a config to train one.')
+  for name in config.pipeline.students:
+    student_config(config, name, '')  # Rejects unknown names before any training.
+  # Config files load (and fail) now, not after an hour of training.
+  teacher_config = (None if config.distill.teacher_workdir
+                    else load_config_file(config.pipeline.teacher_config))
+  evaluator_config = (None if config.pipeline.evaluator_workdir
+                      else load_config_file(config.pipeline.evaluator_config))
 
-  teacher_dir = config.distill.teacher_workdir
-  if not teacher_dir:
-    if not config.pipeline.teacher_config:
-      raise config_base.ConfigError(
-          'Set distill.teacher_workdir to a trained teacher, or pipeline.teacher_config '
-          'to a config to train one.')
-    teacher_dir = _train_stage('teacher', load_config_file(config.pipeline.teacher_config),
-                               os.path.join(workdir, 'teacher'))
-
-  evaluator_dir = config.pipeline.evaluator_workdir
-  if not evaluator_dir:
-    if not config.pipeline.evaluator_config:
-      raise config_base.ConfigError(
-          'Set pipeline.evaluator_workdir to a trained autoregressive model, or '
-          'pipeline.evaluator_config to a config to train one.')
-    evaluator_dir = _train_stage(
-        'evaluator', load_config_file(config.pipeline.evaluator_config),
-        os.path.join(workdir, 'evaluator'))
+  teacher_dir = config.distill.teacher_workdir or _train_stage(
+      'teacher', teacher_config, os.path.join(workdir, 'teacher'))
 
   student_dirs = {}
   for name in config.pipeline.students:
     student_dirs[name] = _train_stage(
         name, student_config(config, name, teacher_dir),
         os.path.join(workdir, 'students', name))
+
+  # The evaluator is needed only for the table, so the students train first.
+  evaluator_dir = config.pipeline.evaluator_workdir or _train_stage(
+      'evaluator', evaluator_config, os.path.join(workdir, 'evaluator'))
 
   return evaluate_table(config, workdir, teacher_dir, evaluator_dir, student_dirs)

@@ -180,7 +180,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     logging.info('Resuming %s at step %d.', config.task, int(state.step))
   else:
     state, _ = train_state_lib.create_state(run.model, tx, init_rng, mesh,
-                                            config.mesh.axis_rules, config.data.seq_len)
+                                            config.mesh.axis_rules, config.data.seq_len,
+                                            shardings=state_shardings)
     if is_distill:
       # Round 0: student and teacher both start from the trained teacher.
       # Copies, because the state's buffers are donated to every step.

@@ -69,8 +69,13 @@ def abstract_state_and_shardings(model, tx, mesh, rules, seq_len: int):
   return abstract, shardings
 
 
-def create_state(model, tx, rng, mesh, rules, seq_len: int):
-  """Initialises the state directly with its shardings: no host copy of the whole model."""
-  _, shardings = abstract_state_and_shardings(model, tx, mesh, rules, seq_len)
+def create_state(model, tx, rng, mesh, rules, seq_len: int, shardings=None):
+  """Initialises the state directly with its shardings: no host copy of the whole model.
+
+  Pass `shardings` from `abstract_state_and_shardings` when the caller has them
+  already; otherwise they are derived here.
+  """
+  if shardings is None:
+    _, shardings = abstract_state_and_shardings(model, tx, mesh, rules, seq_len)
   init = lambda key: nn.meta.unbox(_init_boxed_state(model, tx, key, 1, seq_len))
   return jax.jit(init, out_shardings=shardings)(rng), shardings

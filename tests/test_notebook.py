@@ -7,8 +7,8 @@ import nbformat
 import pytest
 
 from mcd_jax import train
-from test_train import load_config
 from test_train import tiny_config
+from test_train import tiny_distill_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'notebooks', 'sampling.ipynb')
@@ -25,16 +25,8 @@ def teacher_config():
 
 
 def student_config(teacher_workdir: str):
-  config = load_config('mcd_bible_char')
-  config.distill.teacher_workdir = teacher_workdir
-  config.distill.base_steps = 4
-  config.distill.num_rounds = 1
-  config.distill.steps_per_round = 1
-  config.train.num_steps = 1
+  config = tiny_distill_config(teacher_workdir, base_steps=4, num_rounds=1, steps_per_round=1)
   config.train.eval_batches = 1
-  config.data.batch_size = 4
-  config.sampling.num_samples = 2
-  config.sampling.batch_size = 2
   return config
 
 

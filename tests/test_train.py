@@ -50,6 +50,21 @@ def tiny_config(task='diffusion', num_steps=12) -> ml_collections.ConfigDict:
   return config
 
 
+def tiny_distill_config(teacher_workdir: str, base_steps: int, num_rounds: int,
+                        steps_per_round: int) -> ml_collections.ConfigDict:
+  """The demo distillation config, cut to a few steps over a tiny teacher."""
+  config = load_config('mcd_bible_char')
+  config.distill.teacher_workdir = teacher_workdir
+  config.distill.base_steps = base_steps
+  config.distill.num_rounds = num_rounds
+  config.distill.steps_per_round = steps_per_round
+  config.train.num_steps = num_rounds * steps_per_round
+  config.data.batch_size = 4
+  config.sampling.num_samples = 2
+  config.sampling.batch_size = 2
+  return config
+
+
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     return [json.loads(line) for line in f]
@@ -145,17 +160,10 @@ def test_distill_resumes_mid_round(tmp_path):
   train.train_and_evaluate(tiny_config(num_steps=4), teacher)
 
   def student_config(num_steps_per_round):
-    config = load_config('mcd_bible_char')
-    config.distill.teacher_workdir = teacher
-    config.distill.num_rounds = 2
-    config.distill.steps_per_round = num_steps_per_round
-    config.distill.base_steps = 8
-    config.train.num_steps = 2 * num_steps_per_round
+    config = tiny_distill_config(teacher, base_steps=8, num_rounds=2,
+                                 steps_per_round=num_steps_per_round)
     config.train.checkpoint_every = 3
     config.train.log_every = 3
-    config.data.batch_size = 4
-    config.sampling.num_samples = 2
-    config.sampling.batch_size = 2
     return config
 
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')

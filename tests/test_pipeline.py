@@ -1,0 +1,94 @@
+"""The main job (`--mode pipeline`) end to end on tiny models, then rerun."""
+
+import json
+import math
+import os
+
+import ml_collections
+import pytest
+
+from mcd_jax import config_base
+from mcd_jax import pipeline
+from test_train import read_metrics
+from test_train import tiny_config
+from test_train import tiny_distill_config
+
+CONFIG_FILE = '''import json
+
+import ml_collections
+
+
+def get_config(arg=None):
+  with open({path!r}, encoding='utf-8') as f:
+    return ml_collections.ConfigDict(json.load(f))
+'''
+
+
+def write_config_file(directory, name: str, config: ml_collections.ConfigDict) -> str:
+  """Writes `config` as a config file that the pipeline loads by path."""
+  json_path = os.path.join(directory, name + '.json')
+  with open(json_path, 'w', encoding='utf-8') as f:
+    f.write(config.to_json())
+  path = os.path.join(directory, name + '.py')
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(CONFIG_FILE.format(path=json_path))
+  return path
+
+
+def pipeline_config(tmp_path) -> ml_collections.ConfigDict:
+  config = tiny_distill_config('', base_steps=4, num_rounds=1, steps_per_round=2)
+  config.pipeline.teacher_config = write_config_file(tmp_path, 'teacher',
+                                                     tiny_config(num_steps=4))
+  config.pipeline.evaluator_config = write_config_file(
+      tmp_path, 'evaluator', tiny_config(task='autoregressive', num_steps=4))
+  config.pipeline.students = ('mcd_data', 'sdtt')
+  config.pipeline.step_divisors = (2,)
+  config.pipeline.num_samples = 4
+  config.pipeline.batch_size = 4
+  return config
+
+
+@pytest.mark.slow
+def test_pipeline_trains_every_stage_then_reuses_them(tmp_path):
+  workdir = str(tmp_path / 'job')
+
+  rows = pipeline.run_pipeline(pipeline_config(tmp_path), workdir)
+
+  # Teacher at N₀ = 4, then at N₀ / 2 = 2 steps: the teacher, both students and
+  # the temperature-matched control.
+  assert [(row['model'], row['steps']) for row in rows] == [
+      ('teacher', 4), ('teacher', 2), ('mcd_data', 2), ('sdtt', 2),
+      ('teacher (temperature-matched)', 2)]
+  for row in rows:
+    assert 1 <= row['nfe'] <= row['steps']
+    assert math.isfinite(row['gen_ppl']) and row['gen_ppl'] > 1
+    assert row['gen_ppl_low'] <= row['gen_ppl'] <= row['gen_ppl_high']
+  results = os.path.join(workdir, 'results')
+  with open(os.path.join(results, 'table.json'), encoding='utf-8') as f:
+    table = json.load(f)
+  assert table['base_steps'] == 4 and len(table['rows']) == len(rows)
+  assert math.isfinite(table['evaluator']['ar_bits_per_token'])
+  assert os.path.getsize(os.path.join(results, 'gen_ppl_vs_nfe.png')) > 0
+  with open(os.path.join(results, 'table.md'), encoding='utf-8') as f:
+    assert len(f.read().splitlines()) == 2 + len(rows)
+
+  # A rerun trains nothing again and draws the same samples.
+  stages = ('teacher', 'evaluator', 'students/mcd_data', 'students/sdtt')
+  lengths = {stage: len(read_metrics(os.path.join(workdir, stage))) for stage in stages}
+  again = pipeline.run_pipeline(pipeline_config(tmp_path), workdir)
+  assert {stage: len(read_metrics(os.path.join(workdir, stage))) for stage in stages} == lengths
+  assert [row['gen_ppl'] for row in again] == [row['gen_ppl'] for row in rows]
+
+
+def test_pipeline_rejects_bad_settings_before_training(tmp_path):
+  config = pipeline_config(tmp_path)
+  config.pipeline.evaluator_config = str(tmp_path / 'missing.py')
+  with pytest.raises(config_base.ConfigError, match='missing.py'):
+    pipeline.run_pipeline(config, str(tmp_path / 'job'))
+
+  config = pipeline_config(tmp_path)
+  config.pipeline.students = ('mcd_data', 'nonsense')
+  with pytest.raises(config_base.ConfigError, match='nonsense'):
+    pipeline.run_pipeline(config, str(tmp_path / 'job'))
+
+  assert not os.path.exists(tmp_path / 'job' / 'teacher')
