@@ -40,13 +40,14 @@ def test_docstring_shows_command(name):
 
 @pytest.mark.parametrize('name', DISTILL)
 @pytest.mark.parametrize('arg', ['', ':smoke'])
-def test_distill_config_matches_its_teacher_and_evaluator(name, arg):
+def test_distill_config_matches_teacher(name, arg):
   config = pipeline.load_config_file(f'configs/{name}.py{arg}')
   teacher = pipeline.load_config_file(config.pipeline.teacher_config)
   evaluator = pipeline.load_config_file(config.pipeline.evaluator_config)
 
   assert config.pipeline.teacher_config.endswith(arg or '.py')
-  assert teacher.task == 'diffusion' and evaluator.task == 'autoregressive'
+  assert teacher.task == 'diffusion'
+  assert evaluator.task == 'autoregressive'
   assert config.distill.base_steps % max(config.pipeline.step_divisors) == 0
   # Gen PPL is meaningful only when the evaluator reads the teacher's tokens.
   for key in ('source', 'paths', 'tokenizer', 'seq_len', 'validation_fraction'):

@@ -49,7 +49,7 @@ def pipeline_config(tmp_path) -> ml_collections.ConfigDict:
 
 
 @pytest.mark.slow
-def test_pipeline_trains_every_stage_then_reuses_them(tmp_path):
+def test_pipeline_trains_then_reuses_stages(tmp_path):
   workdir = str(tmp_path / 'job')
 
   rows = pipeline.run_pipeline(pipeline_config(tmp_path), workdir)
@@ -61,12 +61,14 @@ def test_pipeline_trains_every_stage_then_reuses_them(tmp_path):
       ('teacher (temperature-matched)', 2)]
   for row in rows:
     assert 1 <= row['nfe'] <= row['steps']
-    assert math.isfinite(row['gen_ppl']) and row['gen_ppl'] > 1
+    assert math.isfinite(row['gen_ppl'])
+    assert row['gen_ppl'] > 1
     assert row['gen_ppl_low'] <= row['gen_ppl'] <= row['gen_ppl_high']
   results = os.path.join(workdir, 'results')
   with open(os.path.join(results, 'table.json'), encoding='utf-8') as f:
     table = json.load(f)
-  assert table['base_steps'] == 4 and len(table['rows']) == len(rows)
+  assert table['base_steps'] == 4
+  assert len(table['rows']) == len(rows)
   assert math.isfinite(table['evaluator']['ar_bits_per_token'])
   assert os.path.getsize(os.path.join(results, 'gen_ppl_vs_nfe.png')) > 0
   with open(os.path.join(results, 'table.md'), encoding='utf-8') as f:
@@ -80,7 +82,7 @@ def test_pipeline_trains_every_stage_then_reuses_them(tmp_path):
   assert [row['gen_ppl'] for row in again] == [row['gen_ppl'] for row in rows]
 
 
-def test_pipeline_rejects_bad_settings_before_training(tmp_path):
+def test_pipeline_rejects_bad_settings_early(tmp_path):
   config = pipeline_config(tmp_path)
   config.pipeline.evaluator_config = str(tmp_path / 'missing.py')
   with pytest.raises(config_base.ConfigError, match='missing.py'):
