@@ -1,10 +1,10 @@
-"""The main MCD job: teacher, evaluator, students, then the quality-speed table.
+"""The main MCD job: teacher, students, evaluator, then the quality-speed table.
 
   python -m mcd_jax.main --config configs/mcd_bible_char.py --workdir DIR --mode pipeline
 
   DIR/teacher/              masked diffusion teacher (unless distill.teacher_workdir is set)
-  DIR/evaluator/            autoregressive evaluator (unless pipeline.evaluator_workdir is set)
   DIR/students/NAME/        one distilled student per entry of pipeline.students
+  DIR/evaluator/            autoregressive evaluator (unless pipeline.evaluator_workdir is set)
   DIR/results/table.json    every (model, steps, temperature) row
   DIR/results/table.md      the same as a Markdown table
   DIR/results/gen_ppl_vs_nfe.png
