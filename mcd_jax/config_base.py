@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.pipeline.num_samples = 64
   config.pipeline.batch_size = 32
   config.pipeline.temperature_low = 0.5  # Lower end of the temperature search.
+  # Samples per temperature tried by the search; the control row itself then
+  # uses pipeline.num_samples.
+  config.pipeline.search_samples = 64
 
   config.mesh = ml_collections.ConfigDict()
   # Axes (data, fsdp, tensor); -1 takes the remaining devices.
@@ -143,7 +146,8 @@ _AT_LEAST_ONE = (
     'model.num_heads', 'model.mlp_dim', 'train.num_steps', 'train.log_every',
     'train.eval_every', 'train.checkpoint_every', 'train.eval_batches', 'train.keep_checkpoints', 'sampling.num_steps',
     'sampling.num_samples', 'sampling.batch_size', 'distill.base_steps',
-    'distill.steps_per_round', 'pipeline.num_samples', 'pipeline.batch_size')
+    'distill.steps_per_round', 'pipeline.num_samples', 'pipeline.batch_size',
+    'pipeline.search_samples')
 
 
 def _flatten(config, prefix=''):
@@ -286,6 +290,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.distill.num_rounds = 2
   config.distill.steps_per_round = 10
   config.pipeline.num_samples = 8
+  config.pipeline.search_samples = 8
   config.pipeline.batch_size = 8
   config.pipeline.step_divisors = (4,)
   if config.task == 'distill':

@@ -93,9 +93,8 @@ def student_config(config, name: str, teacher_dir: str) -> ml_collections.Config
   return student
 
 
-def _measure(name, loaded, evaluator, num_steps, temperature, config, rng):
-  """Samples `pipeline.num_samples` texts and returns one table row."""
-  settings = config.pipeline
+def _sample_fn(loaded, num_steps, temperature):
+  """Builds `sample_fn(key, batch_size)`: the ancestral sampler of one loaded model."""
 
   def sample_fn(key, batch_size):
     return sampling.ancestral_sample(
@@ -103,6 +102,14 @@ def _measure(name, loaded, evaluator, num_steps, temperature, config, rng):
         seq_len=loaded.config.data.seq_len, num_steps=num_steps, schedule=loaded.schedule,
         mask_id=loaded.vocab_size, temperature=temperature,
         time_conditioned=loaded.config.model.time_conditioning)
+
+  return sample_fn
+
+
+def _measure(name, loaded, evaluator, num_steps, temperature, config, rng):
+  """Samples `pipeline.num_samples` texts and returns one table row."""
+  settings = config.pipeline
+  sample_fn = _sample_fn(loaded, num_steps, temperature)
 
   tokens, nfe, seconds = evaluation.timed_sampling(sample_fn, rng, settings.num_samples,
                                                    settings.batch_size)
@@ -113,6 +120,21 @@ def _measure(name, loaded, evaluator, num_steps, temperature, config, rng):
   row.update(quality.__dict__)
   logging.info('%s', json.dumps(row))
   return row, tokens
+
+
+def _entropy(loaded, num_steps, temperature, config, rng) -> float:
+  """Returns the mean unigram entropy of `pipeline.search_samples` samples (no timing)."""
+  settings = config.pipeline
+  sample_fn = _sample_fn(loaded, num_steps, temperature)
+  tokens = []
+  for index in range(-(-settings.search_samples // settings.batch_size)):
+    tokens.append(np.asarray(sample_fn(jax.random.fold_in(rng, index),
+                                       settings.batch_size).tokens))
+  tokens = np.concatenate(tokens)[:settings.search_samples]
+  entropy = float(evaluation.unigram_entropy(tokens, loaded.vocab_size).mean())
+  logging.info('Temperature search at %d steps: T=%.4f gives entropy %.4f.', num_steps,
+               temperature, entropy)
+  return entropy
 
 
 def evaluate_table(config, workdir: str, teacher_dir: str, evaluator_dir: str,
@@ -145,10 +167,10 @@ def evaluate_table(config, workdir: str, teacher_dir: str, evaluator_dir: str,
 
     if reference_entropy is not None:
       # The control: the undistilled teacher at the student's step count, its
-      # temperature tuned so its entropy matches the first student's.
-      def entropy_at(temperature):
-        return _measure('teacher', teacher, evaluator, steps, temperature, config,
-                        rng)[0]['entropy']
+      # temperature tuned so its entropy matches the first student's. The
+      # search reuses one key for every T, so its entropies are paired.
+      def entropy_at(temperature, steps=steps):
+        return _entropy(teacher, steps, temperature, config, rng)
 
       temperature = evaluation.match_temperature(
           entropy_at, reference_entropy, low=config.pipeline.temperature_low)
@@ -210,7 +232,7 @@ def _run_pipeline(config, workdir: str) -> list[dict]:
         'pipeline.evaluator_config to a config to train one.')
   for name in config.pipeline.students:
     student_config(config, name, '')  # Rejects unknown names before any training.
-  # Config files load (and fail) now, not after an hour of training.
+  # Load the config files now, so a wrong path fails before any training.
   teacher_config = (None if config.distill.teacher_workdir
                     else load_config_file(config.pipeline.teacher_config))
   evaluator_config = (None if config.pipeline.evaluator_workdir

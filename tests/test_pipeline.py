@@ -44,6 +44,7 @@ def pipeline_config(tmp_path) -> ml_collections.ConfigDict:
   config.pipeline.students = ('mcd_data', 'sdtt')
   config.pipeline.step_divisors = (2,)
   config.pipeline.num_samples = 4
+  config.pipeline.search_samples = 4
   config.pipeline.batch_size = 4
   return config
 
