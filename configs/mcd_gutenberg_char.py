@@ -22,27 +22,11 @@ from mcd_jax import config_base
 
 def get_config(arg=None):
   smoke = config_base.parse_smoke_argument(arg)
-  config = config_base.base_config()
-  config.task = 'distill'
-  config.data.batch_size = 32
-  config.optim.learning_rate = 3e-4
-  config.optim.warmup_steps = 20
-  config.optim.ema_rate = 0.99
-  config.distill.method = 'mcd'
-  config.distill.base_steps = 256
-  config.distill.num_rounds = 4
-  config.distill.steps_per_round = 200
-  config.train.num_steps = config.distill.num_rounds * config.distill.steps_per_round
+  config = config_base.mcd_job_config('configs/gutenberg_char.py', 'configs/gutenberg_char_ar.py',
+                                      steps_per_round=200, smoke=smoke)
   config.train.log_every = 50
-  config.train.eval_every = 800
-  config.train.eval_batches = 8
-  config.train.checkpoint_every = 100
-  config.sampling.num_steps = 16
-  config.pipeline.teacher_config = 'configs/gutenberg_char.py' + (':smoke' if smoke else '')
-  config.pipeline.evaluator_config = 'configs/gutenberg_char_ar.py' + (':smoke' if smoke else '')
   config.pipeline.num_samples = 256
   config.pipeline.search_samples = 64
-  config.pipeline.batch_size = 32
   if smoke:
     config_base.apply_smoke(config)
   return config

@@ -108,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.pipeline.num_samples = 64
   config.pipeline.batch_size = 32
   config.pipeline.temperature_low = 0.5  # Lower end of the temperature search.
-  # Samples per temperature tried by the search; the control row itself then
+  # Samples per temperature tried by the search. The control row itself then
   # uses pipeline.num_samples.
   config.pipeline.search_samples = 64
 
@@ -148,6 +148,37 @@ _AT_LEAST_ONE = (
     'sampling.num_samples', 'sampling.batch_size', 'distill.base_steps',
     'distill.steps_per_round', 'pipeline.num_samples', 'pipeline.batch_size',
     'pipeline.search_samples')
+
+
+def mcd_job_config(teacher_config: str, evaluator_config: str, steps_per_round: int,
+                   smoke: bool) -> ml_collections.ConfigDict:
+  """Returns the settings that the main MCD jobs share (configs/mcd_*.py).
+
+  The students start from a teacher that samples in N₀ = 256 steps and, after
+  4 rounds, sample in 16. `teacher_config` and `evaluator_config` are the
+  config files that the pipeline trains when no workdir is given; with
+  `smoke`, their smoke variants. The caller applies `apply_smoke` last.
+  """
+  config = base_config()
+  config.task = 'distill'
+  config.data.batch_size = 32
+  config.optim.learning_rate = 3e-4
+  config.optim.warmup_steps = 20
+  config.optim.ema_rate = 0.99
+  config.distill.method = 'mcd'
+  config.distill.base_steps = 256
+  config.distill.num_rounds = 4
+  config.distill.steps_per_round = steps_per_round
+  config.train.num_steps = config.distill.num_rounds * steps_per_round
+  config.train.eval_every = config.train.num_steps
+  config.train.eval_batches = 8
+  config.train.checkpoint_every = 100
+  config.sampling.num_steps = 16
+  suffix = ':smoke' if smoke else ''
+  config.pipeline.teacher_config = teacher_config + suffix
+  config.pipeline.evaluator_config = evaluator_config + suffix
+  config.pipeline.batch_size = 32
+  return config
 
 
 def _flatten(config, prefix=''):
