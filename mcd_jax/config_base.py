@@ -112,6 +112,16 @@ def base_config() -> ml_collections.ConfigDict:
   # uses pipeline.num_samples.
   config.pipeline.search_samples = 64
 
+  # --mode evaluate on any trained workdirs: with `models` set, it measures
+  # every (model, sampler, steps, temperature) as the pipeline's table does,
+  # with the sample counts and evaluator of `pipeline`.
+  config.evaluate = ml_collections.ConfigDict()
+  config.evaluate.models = ()  # 'NAME=WORKDIR' entries. Empty: the ELBO of --workdir.
+  config.evaluate.samplers = ('ancestral',)
+  config.evaluate.steps = (256, 64, 16)
+  config.evaluate.temperatures = (1.0,)
+  config.evaluate.control = ''  # 'MODEL=REFERENCE': MODEL tempered to REFERENCE's entropy.
+
   config.mesh = ml_collections.ConfigDict()
   # Axes (data, fsdp, tensor); -1 takes the remaining devices.
   config.mesh.shape = (-1, 1, 1)
@@ -267,6 +277,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ('optim.warmup_steps', 'train.sample_every'):
     if values[name] < 0:
       raise ConfigError(f'Config key {name!r} must be at least 0, got {values[name]}.')
+
+  for steps in config.evaluate.steps:
+    if not isinstance(steps, int) or steps < 1:
+      raise ConfigError(f'evaluate.steps must contain integers >= 1, got {steps!r}.')
+  for temperature in config.evaluate.temperatures:
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+      raise ConfigError(
+          f'evaluate.temperatures must contain numbers > 0, got {temperature!r}.')
 
   if not 0.0 < config.data.validation_fraction < 1.0:
     raise ConfigError(

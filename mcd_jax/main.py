@@ -7,10 +7,12 @@ r"""Command line of mcd_jax.
 Modes:
   train     train config.task (diffusion, autoregressive or distill) in --workdir,
             resuming from its latest checkpoint; then evaluate and write samples.
-  evaluate  validation ELBO (or AR perplexity) of the checkpoint in --workdir.
+  evaluate  validation ELBO (or AR perplexity) of the checkpoint in --workdir;
+            with config.evaluate.models set, the quality-speed table of those
+            models instead, written to --workdir/results.
   sample    write samples of the checkpoint in --workdir with config.sampling.
   pipeline  the main MCD job: teacher (unless distill.teacher_workdir is set),
-            AR evaluator, MCD and SDTT students, then the quality-speed table.
+            MCD and SDTT students, AR evaluator, then the quality-speed table.
 
 Override any config key: --config.train.num_steps=200 --config.model.dtype=bfloat16.
 
@@ -243,6 +245,9 @@ def run_mode(config, workdir: str, mode: str):
     from mcd_jax import pipeline
     return pipeline.run_pipeline(config, workdir)
   from mcd_jax import inference
+  if mode == 'evaluate' and config.evaluate.models:
+    from mcd_jax import quality
+    return quality.evaluate_models(config, workdir)
   if mode == 'evaluate':
     return inference.evaluate_workdir(config, workdir)
   return inference.sample_workdir(config, workdir)

@@ -14,20 +14,16 @@ crash continues where it stopped.
 """
 
 import importlib.util
-import json
 import os
 
 from absl import logging
-import jax
 import ml_collections
-import numpy as np
 
 from mcd_jax import checkpointing
 from mcd_jax import config_base
-from mcd_jax import evaluation
 from mcd_jax import inference
 from mcd_jax import metrics as metrics_lib
-from mcd_jax import sampling
+from mcd_jax import quality
 from mcd_jax import train
 from mcd_jax import workdir as workdir_lib
 
@@ -93,60 +89,15 @@ def student_config(config, name: str, teacher_dir: str) -> ml_collections.Config
   return student
 
 
-def _sample_fn(loaded, num_steps, temperature):
-  """Builds `sample_fn(key, batch_size)`: the ancestral sampler of one loaded model."""
-
-  def sample_fn(key, batch_size):
-    return sampling.ancestral_sample(
-        loaded.model, loaded.params, key, batch_size=batch_size,
-        seq_len=loaded.config.data.seq_len, num_steps=num_steps, schedule=loaded.schedule,
-        mask_id=loaded.vocab_size, temperature=temperature,
-        time_conditioned=loaded.config.model.time_conditioning)
-
-  return sample_fn
-
-
-def _measure(name, loaded, evaluator, num_steps, temperature, config, rng):
-  """Samples `pipeline.num_samples` texts and returns one table row."""
-  settings = config.pipeline
-  sample_fn = _sample_fn(loaded, num_steps, temperature)
-
-  tokens, nfe, seconds = evaluation.timed_sampling(sample_fn, rng, settings.num_samples,
-                                                   settings.batch_size)
-  quality = evaluation.measure_quality(evaluator.model, evaluator.params, tokens,
-                                       loaded.vocab_size)
-  row = {'model': name, 'steps': num_steps, 'temperature': round(float(temperature), 4),
-         'nfe': float(np.mean(nfe)), 'seconds_per_sample': seconds}
-  row.update(quality.__dict__)
-  logging.info('%s', json.dumps(row))
-  return row, tokens
-
-
-def _entropy(loaded, num_steps, temperature, config, rng) -> float:
-  """Returns the mean unigram entropy of `pipeline.search_samples` samples (no timing)."""
-  settings = config.pipeline
-  sample_fn = _sample_fn(loaded, num_steps, temperature)
-  tokens = []
-  for index in range(-(-settings.search_samples // settings.batch_size)):
-    tokens.append(np.asarray(sample_fn(jax.random.fold_in(rng, index),
-                                       settings.batch_size).tokens))
-  tokens = np.concatenate(tokens)[:settings.search_samples]
-  entropy = float(evaluation.unigram_entropy(tokens, loaded.vocab_size).mean())
-  logging.info('Temperature search at %d steps: T=%.4f gives entropy %.4f.', num_steps,
-               temperature, entropy)
-  return entropy
-
-
 def evaluate_table(config, workdir: str, teacher_dir: str, evaluator_dir: str,
                    student_dirs: dict[str, str]) -> list[dict]:
   """Measures teacher, students and controls; writes table.json, table.md and a plot."""
   evaluator = inference.load(evaluator_dir)
   teacher = inference.load(teacher_dir)
   students = {name: inference.load(path) for name, path in student_dirs.items()}
+  measurer = quality.Measurer(config, evaluator)
   base_steps = config.distill.base_steps
-  rng = jax.random.key(config.seed)
   rows = []
-  # The temperature search measures more rows than these; the ETA ignores them.
   planned = 1 + len(config.pipeline.step_divisors) * (len(students) + 2)
   progress = metrics_lib.Progress(planned, 0, 'evaluation', log_every=1)
 
@@ -154,54 +105,26 @@ def evaluate_table(config, workdir: str, teacher_dir: str, evaluator_dir: str,
     rows.append(row)
     progress.update(len(rows), {'gen_ppl': row['gen_ppl'], 'nfe': row['nfe']})
 
-  add(_measure('teacher', teacher, evaluator, base_steps, 1.0, config, rng)[0])
+  add(measurer.row('teacher', teacher, base_steps))
   for divisor in config.pipeline.step_divisors:
     steps = max(1, base_steps // divisor)
-    add(_measure('teacher', teacher, evaluator, steps, 1.0, config, rng)[0])
-    reference_entropy = None
-    for name, loaded in students.items():
-      row, _ = _measure(name, loaded, evaluator, steps, 1.0, config, rng)
+    add(measurer.row('teacher', teacher, steps))
+    student_rows = [measurer.row(name, loaded, steps) for name, loaded in students.items()]
+    for row in student_rows:
       add(row)
-      if reference_entropy is None:
-        reference_entropy = row['entropy']
 
-    if reference_entropy is not None:
+    if student_rows:
       # The control: the undistilled teacher at the student's step count, its
-      # temperature tuned so its entropy matches the first student's. The
-      # search reuses one key for every T, so its entropies are paired.
-      def entropy_at(temperature, steps=steps):
-        return _entropy(teacher, steps, temperature, config, rng)
-
-      temperature = evaluation.match_temperature(
-          entropy_at, reference_entropy, low=config.pipeline.temperature_low)
-      add(_measure('teacher (temperature-matched)', teacher, evaluator, steps, temperature,
-                   config, rng)[0])
+      # temperature tuned so its entropy matches the first student's.
+      add(measurer.matched_row('teacher', teacher, steps, student_rows[0]['entropy']))
   progress.close()
 
-  results = os.path.join(workdir, 'results')
-  os.makedirs(results, exist_ok=True)
   evaluator_bits = inference.evaluate_workdir(evaluator.config, evaluator_dir)
-  summary = {'rows': rows, 'evaluator': evaluator_bits, 'base_steps': base_steps,
-             'num_samples': config.pipeline.num_samples}
-  with open(os.path.join(results, 'table.json'), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=2)
-  with open(os.path.join(results, 'table.md'), 'w', encoding='utf-8') as f:
-    f.write(format_table(rows))
-  evaluation.plot_gen_ppl_vs_nfe(rows, os.path.join(results, 'gen_ppl_vs_nfe.png'),
-                                 f'Gen PPL against NFE (teacher N0 = {base_steps})')
-  logging.info('Quality-speed table:\n%s', format_table(rows))
+  summary = {'evaluator': evaluator_bits, 'base_steps': base_steps,
+             'num_samples': config.pipeline.num_samples, 'seed': config.seed}
+  quality.write_results(os.path.join(workdir, 'results'), rows, summary,
+                        f'Gen PPL against NFE (teacher N0 = {base_steps})')
   return rows
-
-
-def format_table(rows: list[dict]) -> str:
-  lines = ['| model | steps | T | NFE | Gen PPL (95% interval) | entropy (nats) | '
-           's / sample |', '|---|---:|---:|---:|---|---:|---:|']
-  for row in rows:
-    lines.append(
-        f"| {row['model']} | {row['steps']} | {row['temperature']:.3g} | {row['nfe']:.1f} | "
-        f"{row['gen_ppl']:.2f} ({row['gen_ppl_low']:.2f}–{row['gen_ppl_high']:.2f}) | "
-        f"{row['entropy']:.3f} | {row['seconds_per_sample']:.4f} |")
-  return '\n'.join(lines) + '\n'
 
 
 def run_pipeline(config, workdir: str) -> list[dict] | dict:

@@ -9,6 +9,7 @@ import pytest
 
 from mcd_jax import config_base
 from mcd_jax import pipeline
+from mcd_jax import quality
 from test_train import read_metrics
 from test_train import tiny_config
 from test_train import tiny_distill_config
@@ -49,11 +50,18 @@ def pipeline_config(tmp_path) -> ml_collections.ConfigDict:
   return config
 
 
-@pytest.mark.slow
-def test_pipeline_trains_then_reuses_stages(tmp_path):
-  workdir = str(tmp_path / 'job')
+@pytest.fixture(scope='module')
+def job(tmp_path_factory):
+  """Runs the tiny pipeline once: (config directory, workdir, table rows)."""
+  directory = tmp_path_factory.mktemp('pipeline')
+  workdir = str(directory / 'job')
+  rows = pipeline.run_pipeline(pipeline_config(directory), workdir)
+  return directory, workdir, rows
 
-  rows = pipeline.run_pipeline(pipeline_config(tmp_path), workdir)
+
+@pytest.mark.slow
+def test_pipeline_trains_then_reuses_stages(job):
+  directory, workdir, rows = job
 
   # Teacher at N₀ = 4, then at N₀ / 2 = 2 steps: the teacher, both students and
   # the temperature-matched control.
@@ -78,7 +86,7 @@ def test_pipeline_trains_then_reuses_stages(tmp_path):
   # A rerun trains nothing again and draws the same samples.
   stages = ('teacher', 'evaluator', 'students/mcd_data', 'students/sdtt')
   lengths = {stage: len(read_metrics(os.path.join(workdir, stage))) for stage in stages}
-  again = pipeline.run_pipeline(pipeline_config(tmp_path), workdir)
+  again = pipeline.run_pipeline(pipeline_config(directory), workdir)
   assert {stage: len(read_metrics(os.path.join(workdir, stage))) for stage in stages} == lengths
   assert [row['gen_ppl'] for row in again] == [row['gen_ppl'] for row in rows]
 
@@ -95,3 +103,49 @@ def test_pipeline_rejects_bad_settings_early(tmp_path):
     pipeline.run_pipeline(config, str(tmp_path / 'job'))
 
   assert not os.path.exists(tmp_path / 'job' / 'teacher')
+
+
+@pytest.mark.slow
+def test_evaluate_models_table(job, tmp_path):
+  _, workdir, pipeline_rows = job
+  config = pipeline_config(tmp_path)
+  config.pipeline.evaluator_workdir = os.path.join(workdir, 'evaluator')
+  config.evaluate.models = (f'teacher={workdir}/teacher',
+                            f'mcd={workdir}/students/mcd_data')
+  config.evaluate.samplers = ('ancestral', 'deterministic')
+  config.evaluate.steps = (2,)
+  config.evaluate.control = 'teacher=mcd'
+  config_base.validate(config)
+
+  rows = quality.evaluate_models(config, str(tmp_path / 'table'))
+
+  assert [(row['model'], row['sampler']) for row in rows] == [
+      ('teacher', 'ancestral'), ('mcd', 'ancestral'),
+      ('teacher (temperature-matched)', 'ancestral'),
+      ('teacher', 'deterministic'), ('mcd', 'deterministic'),
+      ('teacher (temperature-matched)', 'deterministic')]
+  for row in rows:
+    assert row['steps'] == 2
+    assert 1 <= row['nfe'] <= 2
+  # The same key and sample counts as the pipeline: the same samples.
+  pipeline_teacher = [row for row in pipeline_rows
+                      if row['model'] == 'teacher' and row['steps'] == 2]
+  assert rows[0]['gen_ppl'] == pipeline_teacher[0]['gen_ppl']
+  with open(tmp_path / 'table' / 'results' / 'table.md', encoding='utf-8') as f:
+    assert len(f.read().splitlines()) == 2 + len(rows)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('models', ('teacher',), 'NAME=WORKDIR'),
+    ('models', ('a=x', 'a=y'), 'twice'),
+    ('control', 'teacher=missing', 'two names'),
+    ('samplers', ('greedy',), 'greedy'),
+])
+def test_evaluate_models_rejects_bad_input(tmp_path, field, value, message):
+  config = pipeline_config(tmp_path)
+  config.pipeline.evaluator_workdir = str(tmp_path / 'evaluator')
+  config.evaluate.models = ('teacher=x', 'mcd=y')
+  config.evaluate[field] = value
+
+  with pytest.raises(config_base.ConfigError, match=message):
+    quality.evaluate_models(config, str(tmp_path / 'table'))
