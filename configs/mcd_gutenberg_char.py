@@ -11,8 +11,9 @@ teacher and evaluator runs:
       --config.distill.teacher_workdir=workdirs/gutenberg_char \
       --config.pipeline.evaluator_workdir=workdirs/gutenberg_char_ar
 
-Without those two flags the pipeline trains both first (an estimated 2.5 hours
-alone on 2 CPU cores). The three students take 4 rounds of 200 steps each, and
+Without those two flags the pipeline also trains the teacher (before the
+students) and the evaluator (after them), an estimated 2.5 hours more alone on
+2 CPU cores. The three students take 4 rounds of 200 steps each, and
 every row of the table rests on 256 samples. Expected result: see
 docs/results.md, section 4.
 """

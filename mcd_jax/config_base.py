@@ -263,17 +263,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ('optim.b2', 0.0, 1.0, True),
       ('optim.ema_rate', 0.0, 1.0, True),
       ('sampling.temperature', 0.0, float('inf'), False),
-      ('pipeline.temperature_low', 0.0, 1.0, False),
       ('model.dropout_rate', 0.0, 1.0, True),
   )
   for name, low, high, low_allowed in ranges:
     value = values[name]
     above_low = value >= low if low_allowed else value > low
-    if not (above_low and value < high) and not (name == 'pipeline.temperature_low'
-                                                 and value == 1.0):
+    if not (above_low and value < high):
       bound = '>=' if low_allowed else '>'
       upper = f' and < {high}' if high != float('inf') else ''
       raise ConfigError(f'Config key {name!r} must be {bound} {low}{upper}, got {value}.')
+  if not 0.0 < config.pipeline.temperature_low <= 1.0:
+    raise ConfigError("Config key 'pipeline.temperature_low' must be > 0 and <= 1, got "
+                      f'{config.pipeline.temperature_low}.')
   for name in ('optim.warmup_steps', 'train.sample_every'):
     if values[name] < 0:
       raise ConfigError(f'Config key {name!r} must be at least 0, got {values[name]}.')

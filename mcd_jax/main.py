@@ -244,12 +244,10 @@ def run_mode(config, workdir: str, mode: str):
   if mode == 'pipeline':
     from mcd_jax import pipeline
     return pipeline.run_pipeline(config, workdir)
-  from mcd_jax import inference
-  if mode == 'evaluate' and config.evaluate.models:
-    from mcd_jax import quality
-    return quality.evaluate_models(config, workdir)
   if mode == 'evaluate':
-    return inference.evaluate_workdir(config, workdir)
+    from mcd_jax import quality
+    return quality.evaluate(config, workdir)
+  from mcd_jax import inference
   return inference.sample_workdir(config, workdir)
 
 

@@ -95,6 +95,7 @@ def evaluate_table(config, workdir: str, teacher_dir: str, evaluator_dir: str,
   evaluator = inference.load(evaluator_dir)
   teacher = inference.load(teacher_dir)
   students = {name: inference.load(path) for name, path in student_dirs.items()}
+  quality.check_compatible(evaluator, {'teacher': teacher, **students})
   measurer = quality.Measurer(config, evaluator)
   base_steps = config.distill.base_steps
   rows = []
@@ -107,7 +108,7 @@ def evaluate_table(config, workdir: str, teacher_dir: str, evaluator_dir: str,
 
   add(measurer.row('teacher', teacher, base_steps))
   for divisor in config.pipeline.step_divisors:
-    steps = max(1, base_steps // divisor)
+    steps = base_steps // divisor
     add(measurer.row('teacher', teacher, steps))
     student_rows = [measurer.row(name, loaded, steps) for name, loaded in students.items()]
     for row in student_rows:
@@ -116,12 +117,16 @@ def evaluate_table(config, workdir: str, teacher_dir: str, evaluator_dir: str,
     if student_rows:
       # The control: the undistilled teacher at the student's step count, its
       # temperature tuned so its entropy matches the first student's.
-      add(measurer.matched_row('teacher', teacher, steps, student_rows[0]['entropy']))
+      add(measurer.matched_row('teacher', teacher, steps, student_rows[0]['entropy'],
+                               reference=student_rows[0]['model']))
   progress.close()
 
   evaluator_bits = inference.evaluate_workdir(evaluator.config, evaluator_dir)
-  summary = {'evaluator': evaluator_bits, 'base_steps': base_steps,
-             'num_samples': config.pipeline.num_samples, 'seed': config.seed}
+  paths = {'teacher': (teacher_dir, teacher)}
+  paths.update({name: (student_dirs[name], loaded) for name, loaded in students.items()})
+  summary = {'models': quality.describe(paths), 'evaluator': evaluator_bits,
+             'base_steps': base_steps, 'pipeline': config.pipeline.to_dict(),
+             'seed': config.seed}
   quality.write_results(os.path.join(workdir, 'results'), rows, summary,
                         f'Gen PPL against NFE (teacher N0 = {base_steps})')
   return rows
@@ -155,6 +160,20 @@ def _run_pipeline(config, workdir: str) -> list[dict]:
         'pipeline.evaluator_config to a config to train one.')
   for name in config.pipeline.students:
     student_config(config, name, '')  # Rejects unknown names before any training.
+  for divisor in config.pipeline.step_divisors:
+    if divisor < 1 or config.distill.base_steps % divisor:
+      raise config_base.ConfigError(
+          f'pipeline.step_divisors contains {divisor}; each must be at least 1 and divide '
+          f'distill.base_steps ({config.distill.base_steps}).')
+  if config.distill.teacher_workdir:
+    quality.check_workdir_task(config.distill.teacher_workdir, 'distill.teacher_workdir',
+                               ('diffusion',))
+  if config.pipeline.evaluator_workdir:
+    quality.check_workdir_task(config.pipeline.evaluator_workdir,
+                               'pipeline.evaluator_workdir', ('autoregressive',))
+  if config.evaluate.models or quality.ignored_evaluate_keys(config):
+    logging.warning('--mode pipeline ignores the evaluate.* settings; it measures the '
+                    'steps of distill.base_steps and pipeline.step_divisors.')
   # Load the config files now, so a wrong path fails before any training.
   teacher_config = (None if config.distill.teacher_workdir
                     else load_config_file(config.pipeline.teacher_config))

@@ -25,6 +25,7 @@ from mcd_jax import evaluation
 from mcd_jax import inference
 from mcd_jax import metrics as metrics_lib
 from mcd_jax import sampling
+from mcd_jax import workdir as workdir_lib
 
 CONTROL_SUFFIX = ' (temperature-matched)'
 
@@ -78,17 +79,28 @@ class Measurer:
     return entropy
 
   def matched_row(self, name: str, loaded, num_steps: int, target_entropy: float,
-                  sampler: str = 'ancestral') -> dict:
+                  reference: str, sampler: str = 'ancestral') -> dict:
     """Returns the row of `loaded` at the temperature whose entropy meets the target.
 
     The control of the quality-speed table: a model that is only sharpened
     reaches a lower Gen PPL too, so a student must also beat its teacher at
-    the student's entropy.
+    the student's entropy. `reference` names the model the target came from.
     """
+    low = self.settings.temperature_low
     temperature = evaluation.match_temperature(
-        lambda t: self.entropy(loaded, num_steps, t, sampler), target_entropy,
-        low=self.settings.temperature_low)
-    return self.row(name + CONTROL_SUFFIX, loaded, num_steps, temperature, sampler)
+        lambda t: self.entropy(loaded, num_steps, t, sampler), target_entropy, low=low)
+
+    # The search returns an end of [low, 1] only when no T inside reaches the target.
+    matched = temperature not in (low, 1.0)
+    if not matched:
+      logging.warning(
+          'The entropy %.4f of %s at %d steps is out of reach of %s for T in [%g, 1]; '
+          'its control row uses T=%g and is not matched. Lower pipeline.temperature_low '
+          'if the target lies below.', target_entropy, reference, num_steps, name, low,
+          temperature)
+    row = self.row(name + CONTROL_SUFFIX, loaded, num_steps, temperature, sampler)
+    row.update(reference=reference, target_entropy=target_entropy, matched=matched)
+    return row
 
 
 def format_table(rows: list[dict]) -> str:
@@ -135,7 +147,7 @@ def parse_models(entries) -> dict[str, str]:
 def _parse_control(control: str, models: dict[str, str]) -> tuple[str, str] | None:
   if not control:
     return None
-  controlled, separator, reference = control.partition('=')
+  controlled, separator, reference = (part.strip() for part in control.partition('='))
   if not separator or controlled not in models or reference not in models:
     raise config_base.ConfigError(
         f'evaluate.control={control!r} is invalid; write MODEL=REFERENCE with two names '
@@ -143,13 +155,47 @@ def _parse_control(control: str, models: dict[str, str]) -> tuple[str, str] | No
   return controlled, reference
 
 
-def evaluate_models(config, workdir: str) -> list[dict]:
-  """Measures every (model, sampler, steps, temperature) of `config.evaluate`.
+def ignored_evaluate_keys(config) -> list[str]:
+  """Lists the `evaluate.*` keys set away from their defaults while `models` is empty."""
+  if config.evaluate.models:
+    return []
+  defaults = config_base.base_config().evaluate
+  as_tuple = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value
+  return [f'evaluate.{key}' for key, value in config.evaluate.items()
+          if as_tuple(value) != as_tuple(defaults[key])]
 
-  Writes table.json, table.md and the plot to `workdir`/results. With
-  `evaluate.control` = 'MODEL=REFERENCE', each (sampler, steps) also gets
-  MODEL at the temperature where its entropy meets REFERENCE's at T = 1.
-  """
+
+def check_workdir_task(path: str, setting: str, tasks: tuple[str, ...]) -> None:
+  """Raises unless the workdir `path` (from config key `setting`) trained one of `tasks`."""
+  task = workdir_lib.load_config(path).task
+  if task not in tasks:
+    raise config_base.ConfigError(
+        f'{setting} points at {path}, a {task!r} model, but it must be '
+        f'{" or ".join(repr(t) for t in tasks)}. Check that the paths are not swapped.')
+
+
+def check_compatible(evaluator, models: dict) -> None:
+  """Raises unless every model writes tokens that the evaluator reads the same way."""
+  for name, loaded in models.items():
+    if loaded.tokenizer.fingerprint() != evaluator.tokenizer.fingerprint():
+      raise config_base.ConfigError(
+          f'{name} and the evaluator use different tokenizers (vocabularies of '
+          f'{loaded.vocab_size} and {evaluator.vocab_size} tokens), so Gen PPL would be '
+          'meaningless. Use an evaluator trained on the same corpus and tokenizer.')
+    if loaded.config.data.seq_len != evaluator.config.data.seq_len:
+      raise config_base.ConfigError(
+          f'{name} writes sequences of {loaded.config.data.seq_len} tokens but the '
+          f'evaluator was trained on {evaluator.config.data.seq_len}. Use an evaluator '
+          'with the same data.seq_len.')
+
+
+def describe(loaded_models: dict) -> dict:
+  """Returns {name: {'workdir': absolute path, 'step': checkpoint step}} for table.json."""
+  return {name: {'workdir': os.path.abspath(path), 'step': loaded.step}
+          for name, (path, loaded) in loaded_models.items()}
+
+
+def _check_settings(config) -> tuple[dict[str, str], tuple[str, str] | None]:
   settings = config.evaluate
   models = parse_models(settings.models)
   control = _parse_control(settings.control, models)
@@ -157,6 +203,9 @@ def evaluate_models(config, workdir: str) -> list[dict]:
     raise config_base.ConfigError(
         'evaluate.models needs an autoregressive evaluator for Gen PPL: set '
         'pipeline.evaluator_workdir to its workdir.')
+  for key in ('samplers', 'steps', 'temperatures'):
+    if not settings[key]:
+      raise config_base.ConfigError(f'evaluate.{key} is empty; give at least one value.')
   for sampler in settings.samplers:
     if sampler not in sampling.SAMPLERS:
       raise config_base.ConfigError(
@@ -166,8 +215,29 @@ def evaluate_models(config, workdir: str) -> list[dict]:
         'evaluate.control matches entropies at T = 1, so evaluate.temperatures must '
         f'contain 1.0 (it is {tuple(settings.temperatures)}).')
 
+  check_workdir_task(config.pipeline.evaluator_workdir, 'pipeline.evaluator_workdir',
+                     ('autoregressive',))
+  for name, path in models.items():
+    check_workdir_task(path, f'evaluate.models entry {name!r}', ('diffusion', 'distill'))
+  return models, control
+
+
+def evaluate_models(config, workdir: str) -> list[dict]:
+  """Measures every (model, sampler, steps, temperature) of `config.evaluate`.
+
+  Writes table.json, table.md and the plot to `workdir`/results. With
+  `evaluate.control` = 'MODEL=REFERENCE', each (sampler, steps) also gets
+  MODEL at the temperature where its entropy meets REFERENCE's at T = 1.
+  """
+  models, control = _check_settings(config)
+  settings = config.evaluate
+  results = os.path.join(workdir, 'results')
+  if os.path.exists(os.path.join(results, 'table.json')):
+    logging.warning('%s already contains a table; this run replaces it.', results)
+
   evaluator = inference.load(config.pipeline.evaluator_workdir)
   loaded = {name: inference.load(path) for name, path in models.items()}
+  check_compatible(evaluator, loaded)
   measurer = Measurer(config, evaluator)
   planned = len(settings.samplers) * len(settings.steps) * (
       len(models) * len(settings.temperatures) + (1 if control else 0))
@@ -186,11 +256,28 @@ def evaluate_models(config, workdir: str) -> list[dict]:
                       and row['sampler'] == sampler and row['steps'] == steps
                       and row['temperature'] == 1.0)
         rows.append(measurer.matched_row(controlled, loaded[controlled], steps, target,
-                                         sampler))
+                                         reference, sampler))
         progress.update(len(rows), {'gen_ppl': rows[-1]['gen_ppl']})
   progress.close()
 
-  summary = {'models': models, 'evaluator': os.path.abspath(config.pipeline.evaluator_workdir),
-             'num_samples': config.pipeline.num_samples, 'seed': config.seed}
-  write_results(os.path.join(workdir, 'results'), rows, summary, 'Gen PPL against NFE')
+  summary = {
+      'models': describe({name: (models[name], loaded[name]) for name in models}),
+      'evaluator': describe({'evaluator': (config.pipeline.evaluator_workdir,
+                                           evaluator)})['evaluator'],
+      'evaluate': config.evaluate.to_dict(), 'pipeline': config.pipeline.to_dict(),
+      'seed': config.seed}
+  write_results(results, rows, summary, 'Gen PPL against NFE')
   return rows
+
+
+def evaluate(config, workdir: str) -> dict | list[dict]:
+  """Runs `--mode evaluate`: the table of `evaluate.models`, else the ELBO of `workdir`."""
+  if config.evaluate.models:
+    return evaluate_models(config, workdir)
+  ignored = ignored_evaluate_keys(config)
+  if ignored:
+    verb = 'is' if len(ignored) == 1 else 'are'
+    raise config_base.ConfigError(
+        f'{", ".join(ignored)} {verb} used only with evaluate.models. Set evaluate.models to '
+        'the NAME=WORKDIR entries to measure, or drop those keys to get the validation ELBO.')
+  return inference.evaluate_workdir(config, workdir)

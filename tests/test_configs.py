@@ -52,3 +52,15 @@ def test_distill_config_matches_teacher(name, arg):
   # Gen PPL is meaningful only when the evaluator reads the teacher's tokens.
   for key in ('source', 'paths', 'tokenizer', 'seq_len', 'validation_fraction'):
     assert evaluator.data[key] == teacher.data[key], key
+
+
+@pytest.mark.parametrize('value, valid', [(1.0, True), (0.5, True), (1.5, False), (0.0, False)])
+def test_temperature_low_range(value, valid):
+  config = config_base.base_config()
+  config.pipeline.temperature_low = value
+
+  if valid:
+    config_base.validate(config)
+  else:
+    with pytest.raises(config_base.ConfigError, match='must be > 0 and <= 1'):
+      config_base.validate(config)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import types
 
 import ml_collections
 import pytest
@@ -127,12 +128,21 @@ def test_evaluate_models_table(job, tmp_path):
   for row in rows:
     assert row['steps'] == 2
     assert 1 <= row['nfe'] <= 2
+  control = rows[2]
+  assert control['reference'] == 'mcd'
+  assert control['target_entropy'] == rows[1]['entropy']
+  assert isinstance(control['matched'], bool)
   # The same key and sample counts as the pipeline: the same samples.
   pipeline_teacher = [row for row in pipeline_rows
                       if row['model'] == 'teacher' and row['steps'] == 2]
   assert rows[0]['gen_ppl'] == pipeline_teacher[0]['gen_ppl']
   with open(tmp_path / 'table' / 'results' / 'table.md', encoding='utf-8') as f:
     assert len(f.read().splitlines()) == 2 + len(rows)
+  with open(tmp_path / 'table' / 'results' / 'table.json', encoding='utf-8') as f:
+    summary = json.load(f)
+  assert summary['models']['mcd']['workdir'] == os.path.join(workdir, 'students', 'mcd_data')
+  assert summary['models']['mcd']['step'] == 2
+  assert summary['evaluate']['steps'] == [2]
 
 
 @pytest.mark.parametrize('field, value, message', [
@@ -140,6 +150,7 @@ def test_evaluate_models_table(job, tmp_path):
     ('models', ('a=x', 'a=y'), 'twice'),
     ('control', 'teacher=missing', 'two names'),
     ('samplers', ('greedy',), 'greedy'),
+    ('steps', (), 'evaluate.steps is empty'),
 ])
 def test_evaluate_models_rejects_bad_input(tmp_path, field, value, message):
   config = pipeline_config(tmp_path)
@@ -149,3 +160,64 @@ def test_evaluate_models_rejects_bad_input(tmp_path, field, value, message):
 
   with pytest.raises(config_base.ConfigError, match=message):
     quality.evaluate_models(config, str(tmp_path / 'table'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('evaluator, model, message', [
+    ('teacher', 'students/mcd_data', "'diffusion' model, but it must be 'autoregressive'"),
+    ('evaluator', 'evaluator', "'autoregressive' model, but it must be 'diffusion'"),
+])
+def test_evaluate_models_rejects_swapped_paths(job, tmp_path, evaluator, model, message):
+  _, workdir, _ = job
+  config = pipeline_config(tmp_path)
+  config.pipeline.evaluator_workdir = os.path.join(workdir, evaluator)
+  config.evaluate.models = (f'model={workdir}/{model}',)
+
+  with pytest.raises(config_base.ConfigError, match=message):
+    quality.evaluate_models(config, str(tmp_path / 'table'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('field, value, message', [
+    ('pipeline.step_divisors', (0,), 'step_divisors contains 0'),
+    ('pipeline.step_divisors', (3,), 'divide distill.base_steps'),
+    ('distill.teacher_workdir', 'evaluator', "'autoregressive' model"),
+])
+def test_pipeline_rejects_bad_workdirs_early(job, tmp_path, field, value, message):
+  _, workdir, _ = job
+  config = pipeline_config(tmp_path)
+  if field == 'distill.teacher_workdir':
+    value = os.path.join(workdir, value)
+  section, key = field.split('.')
+  config[section][key] = value
+
+  with pytest.raises(config_base.ConfigError, match=message):
+    pipeline.run_pipeline(config, str(tmp_path / 'job'))
+  assert not os.path.exists(tmp_path / 'job')
+
+
+def loaded_stub(fingerprint: str, seq_len: int):
+  """Returns an object with the fields that `check_compatible` reads."""
+  tokenizer = types.SimpleNamespace(fingerprint=lambda: fingerprint)
+  config = ml_collections.ConfigDict({'data': {'seq_len': seq_len}})
+  return types.SimpleNamespace(tokenizer=tokenizer, vocab_size=65, config=config)
+
+
+@pytest.mark.parametrize('model, message', [
+    (loaded_stub('other', 16), 'different tokenizers'),
+    (loaded_stub('same', 32), 'sequences of 32 tokens'),
+])
+def test_check_compatible_rejects_mismatch(model, message):
+  evaluator = loaded_stub('same', 16)
+  quality.check_compatible(evaluator, {'good': loaded_stub('same', 16)})
+
+  with pytest.raises(config_base.ConfigError, match=message):
+    quality.check_compatible(evaluator, {'bad': model})
+
+
+def test_evaluate_rejects_settings_without_models(tmp_path):
+  config = pipeline_config(tmp_path)
+  config.evaluate.control = 'teacher=mcd'
+
+  with pytest.raises(config_base.ConfigError, match='evaluate.control is used only with'):
+    quality.evaluate(config, str(tmp_path / 'run'))
