@@ -53,3 +53,28 @@ def test_benchmark_smoke_writes_json(name, tmp_path):
       assert result[field] > 0, (result_name, field)
   for key in ('backend', 'cpu_model', 'date', 'jax_version'):
     assert report['machine'][key], key
+
+
+def test_plot_curves_reads_resumed_runs(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  records = [{'step': 10, 'loss': 2.0}, {'step': 10, 'val_elbo_bits_per_token': 3.0},
+             {'step': 20, 'val_elbo_bits_per_token': 2.5},
+             {'step': 20, 'val_elbo_bits_per_token': 2.4}]  # Logged again after a resume.
+  (workdir / 'metrics.jsonl').write_text(
+      ''.join(json.dumps(record) + '\n' for record in records), encoding='utf-8')
+  output = tmp_path / 'curves.png'
+
+  completed = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'plot_curves.py'), str(workdir),
+       '--output', str(output)], capture_output=True, text=True, timeout=120)
+
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert output.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  try:
+    import plot_curves  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  assert plot_curves.read_validation(str(workdir)) == {
+      'val_elbo_bits_per_token': [(10, 3.0), (20, 2.4)]}
