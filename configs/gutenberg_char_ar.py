@@ -3,7 +3,9 @@ r"""Character-level autoregressive evaluator on the 21 Project Gutenberg books.
   MCD_DATA_DIR=../shared/data python -m mcd_jax.main \
       --config configs/gutenberg_char_ar.py --workdir /tmp/gutenberg_char_ar
 
-Expected result: see docs/results.md for the validation bits per character.
+Its 4,000 steps take an estimated 50 minutes alone on 2 CPU cores (1.25 to
+1.37 steps per second measured there). Expected result: 1.833 validation bits
+per character at step 4,000 (docs/results.md, section 4).
 """
 
 from mcd_jax import config_base

@@ -12,7 +12,7 @@ teacher and evaluator runs:
       --config.pipeline.evaluator_workdir=workdirs/gutenberg_char_ar
 
 Without those two flags the pipeline also trains the teacher (before the
-students) and the evaluator (after them), an estimated 2.5 hours more alone on
+students) and the evaluator (after them), an estimated 2.3 hours more alone on
 2 CPU cores. The three students take 4 rounds of 200 steps each, and
 every row of the table rests on 256 samples. Expected result: see
 docs/results.md, section 4.
