@@ -28,8 +28,8 @@ test-fast: $(INSTALLED)
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 # The main job on the default corpus: teacher, MCD and SDTT students, AR
-# evaluator, then the quality-speed table. It took 98 minutes on 2 CPU cores
-# shared with other jobs (docs/results.md, section 3).
+# evaluator, then the quality-speed table. It took 47 minutes alone on 2 CPU
+# cores (docs/results.md, section 3).
 demo: $(INSTALLED)
 	$(PYTHON) -m mcd_jax.main --config configs/mcd_bible_char.py --workdir $(WORKDIR) --mode pipeline
 

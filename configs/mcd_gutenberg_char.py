@@ -27,7 +27,8 @@ def get_config(arg=None):
                                       steps_per_round=200, smoke=smoke)
   config.train.log_every = 50
   config.pipeline.num_samples = 256
-  config.pipeline.search_samples = 64
+  # The temperature search sees every sample of the rows it compares.
+  config.pipeline.search_samples = 256
   if smoke:
     config_base.apply_smoke(config)
   return config

@@ -108,8 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.pipeline.num_samples = 64
   config.pipeline.batch_size = 32
   config.pipeline.temperature_low = 0.5  # Lower end of the temperature search.
-  # Samples per temperature tried by the search. The control row itself then
-  # uses pipeline.num_samples.
+  # Samples per temperature tried by the search: the first samples of every
+  # row, so the control and its reference are compared on the same random
+  # draws. The control row itself then uses pipeline.num_samples.
   config.pipeline.search_samples = 64
 
   # --mode evaluate on any trained workdirs: with `models` set, it measures

@@ -110,22 +110,30 @@ def timed_sampling(sample_fn, rng, num_samples: int, batch_size: int):
 
 def match_temperature(entropy_at, target_entropy: float, low: float = 0.5, high: float = 1.0,
                       iterations: int = 6) -> float:
-  """Finds T by bisection so that `entropy_at(T)` (increasing in T) meets the target.
+  """Finds T so that `entropy_at(T)` (increasing in T) meets the target.
 
-  Returns the end of [low, high] when the target lies outside the range the
-  endpoints reach.
+  Bisects [low, high] `iterations` times, then interpolates linearly between
+  the entropies at the ends of the last bracket. Returns the end of
+  [low, high] when the target lies outside the range the endpoints reach.
   """
-  if entropy_at(high) <= target_entropy:
+  entropy_high = entropy_at(high)
+  if entropy_high <= target_entropy:
     return high
-  if entropy_at(low) >= target_entropy:
+  entropy_low = entropy_at(low)
+  if entropy_low >= target_entropy:
     return low
+
   for _ in range(iterations):
     middle = 0.5 * (low + high)
-    if entropy_at(middle) < target_entropy:
-      low = middle
+    entropy_middle = entropy_at(middle)
+    if entropy_middle < target_entropy:
+      low, entropy_low = middle, entropy_middle
     else:
-      high = middle
-  return 0.5 * (low + high)
+      high, entropy_high = middle, entropy_middle
+
+  # entropy_low < target <= entropy_high holds for every bracket, noise or not.
+  fraction = (target_entropy - entropy_low) / (entropy_high - entropy_low)
+  return low + fraction * (high - low)
 
 
 def plot_gen_ppl_vs_nfe(rows: list[dict], path: str, title: str) -> None:

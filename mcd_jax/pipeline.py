@@ -117,8 +117,8 @@ def evaluate_table(config, workdir: str, teacher_dir: str, evaluator_dir: str,
     if student_rows:
       # The control: the undistilled teacher at the student's step count, its
       # temperature tuned so its entropy matches the first student's.
-      add(measurer.matched_row('teacher', teacher, steps, student_rows[0]['entropy'],
-                               reference=student_rows[0]['model']))
+      reference = student_rows[0]['model']
+      add(measurer.matched_row('teacher', teacher, steps, reference, students[reference]))
   progress.close()
 
   evaluator_bits = inference.evaluate_workdir(evaluator.config, evaluator_dir)

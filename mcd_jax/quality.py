@@ -78,14 +78,17 @@ class Measurer:
                  sampler, num_steps, temperature, entropy)
     return entropy
 
-  def matched_row(self, name: str, loaded, num_steps: int, target_entropy: float,
-                  reference: str, sampler: str = 'ancestral') -> dict:
-    """Returns the row of `loaded` at the temperature whose entropy meets the target.
+  def matched_row(self, name: str, loaded, num_steps: int, reference: str, reference_model,
+                  sampler: str = 'ancestral') -> dict:
+    """Returns the row of `loaded` at the temperature where its entropy meets `reference`'s.
 
     The control of the quality-speed table: a model that is only sharpened
     reaches a lower Gen PPL too, so a student must also beat its teacher at
-    the student's entropy. `reference` names the model the target came from.
+    the student's entropy. The search compares both models on the same
+    `pipeline.search_samples` random draws (the first samples of every row),
+    so the comparison is paired.
     """
+    target_entropy = self.entropy(reference_model, num_steps, 1.0, sampler)
     low = self.settings.temperature_low
     temperature = evaluation.match_temperature(
         lambda t: self.entropy(loaded, num_steps, t, sampler), target_entropy, low=low)
@@ -99,7 +102,8 @@ class Measurer:
           'if the target lies below.', target_entropy, reference, num_steps, name, low,
           temperature)
     row = self.row(name + CONTROL_SUFFIX, loaded, num_steps, temperature, sampler)
-    row.update(reference=reference, target_entropy=target_entropy, matched=matched)
+    row.update(reference=reference, target_entropy=target_entropy, matched=matched,
+               search_samples=self.settings.search_samples)
     return row
 
 
@@ -252,11 +256,8 @@ def evaluate_models(config, workdir: str) -> list[dict]:
           progress.update(len(rows), {'gen_ppl': rows[-1]['gen_ppl']})
       if control:
         controlled, reference = control
-        target = next(row['entropy'] for row in rows if row['model'] == reference
-                      and row['sampler'] == sampler and row['steps'] == steps
-                      and row['temperature'] == 1.0)
-        rows.append(measurer.matched_row(controlled, loaded[controlled], steps, target,
-                                         reference, sampler))
+        rows.append(measurer.matched_row(controlled, loaded[controlled], steps, reference,
+                                         loaded[reference], sampler))
         progress.update(len(rows), {'gen_ppl': rows[-1]['gen_ppl']})
   progress.close()
 

@@ -78,3 +78,44 @@ def test_plot_curves_reads_resumed_runs(tmp_path):
     sys.path.pop(0)
   assert plot_curves.read_validation(str(workdir)) == {
       'val_elbo_bits_per_token': [(10, 3.0), (20, 2.4)]}
+
+
+def table_row(model: str, steps: int, gen_ppl: float, temperature: float = 1.0) -> dict:
+  return {'model': model, 'sampler': 'ancestral', 'steps': steps, 'temperature': temperature,
+          'nfe': float(steps), 'seconds_per_sample': 0.1, 'gen_ppl': gen_ppl,
+          'gen_ppl_low': gen_ppl - 1, 'gen_ppl_high': gen_ppl + 1, 'entropy': 2.9}
+
+
+def test_merge_tables_replaces_matching_rows(tmp_path):
+  first = {'rows': [table_row('teacher', 16, 17.0), table_row('control', 16, 16.5, 0.97),
+                    table_row('teacher', 8, 23.0)]}
+  second = {'rows': [table_row('control', 16, 16.0, 0.95), table_row('control', 8, 21.0, 0.96)]}
+  paths = []
+  for index, table in enumerate((first, second)):
+    paths.append(tmp_path / f'table_{index}.json')
+    paths[-1].write_text(json.dumps(table), encoding='utf-8')
+  output = tmp_path / 'merged'
+
+  completed = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'merge_tables.py'),
+       *map(str, paths), '--output', str(output)],
+      capture_output=True, text=True, timeout=120, cwd=REPO)
+
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  merged = json.loads((output / 'table.json').read_text(encoding='utf-8'))
+  assert [(row['model'], row['steps'], row['gen_ppl']) for row in merged['rows']] == [
+      ('teacher', 16, 17.0), ('control', 16, 16.0), ('teacher', 8, 23.0), ('control', 8, 21.0)]
+  assert [row['gen_ppl'] for row in merged['replaced']] == [16.5]
+  assert len(merged['sources']) == 2
+  assert (output / 'gen_ppl_vs_nfe.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert len((output / 'table.md').read_text(encoding='utf-8').splitlines()) == 2 + 4
+
+
+def test_merge_tables_missing_file(tmp_path):
+  completed = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'merge_tables.py'),
+       str(tmp_path / 'none.json'), '--output', str(tmp_path / 'out')],
+      capture_output=True, text=True, timeout=120, cwd=REPO)
+
+  assert completed.returncode == 1
+  assert 'none.json not found' in completed.stderr

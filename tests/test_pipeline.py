@@ -130,7 +130,9 @@ def test_evaluate_models_table(job, tmp_path):
     assert 1 <= row['nfe'] <= 2
   control = rows[2]
   assert control['reference'] == 'mcd'
-  assert control['target_entropy'] == rows[1]['entropy']
+  # search_samples = num_samples here: the search saw exactly the reference row's samples.
+  assert control['search_samples'] == 4
+  assert control['target_entropy'] == pytest.approx(rows[1]['entropy'], rel=1e-6)
   assert isinstance(control['matched'], bool)
   # The same key and sample counts as the pipeline: the same samples.
   pipeline_teacher = [row for row in pipeline_rows

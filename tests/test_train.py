@@ -155,13 +155,17 @@ def test_changed_config_rejects_resume(tmp_path):
     train.train_and_evaluate(changed, workdir)
 
 
-def test_distill_resumes_mid_round(tmp_path):
+@pytest.mark.parametrize('method, trajectory_source',
+                         [('mcd', 'data'), ('mcd', 'teacher'), ('sdtt', 'data')])
+def test_distill_resumes_mid_round(tmp_path, method, trajectory_source):
   teacher = str(tmp_path / 'teacher')
   train.train_and_evaluate(tiny_config(num_steps=4), teacher)
 
   def student_config(num_steps_per_round):
     config = tiny_distill_config(teacher, base_steps=8, num_rounds=2,
                                  steps_per_round=num_steps_per_round)
+    config.distill.method = method
+    config.distill.trajectory_source = trajectory_source
     config.train.checkpoint_every = 3
     config.train.log_every = 3
     return config
