@@ -14,8 +14,11 @@ teacher and evaluator runs:
 Without those two flags the pipeline also trains the teacher (before the
 students) and the evaluator (after them), an estimated 2.3 hours more alone on
 2 CPU cores. The three students take 4 rounds of 200 steps each, and
-every row of the table rests on 256 samples. Expected result: see
-docs/results.md, section 4.
+every row of the table rests on 256 samples. Expected result (2-core CPU:
+students 15 to 17 min each, table about 45 min): the teacher at 256 steps
+reaches Gen PPL 13.09, and the MCD (data) student at 16 steps 16.62, against
+17.72 for the undistilled teacher and 16.09 for the temperature-matched one.
+docs/results.md, section 4, has the whole table.
 """
 
 from mcd_jax import config_base
@@ -27,7 +30,7 @@ def get_config(arg=None):
                                       steps_per_round=200, smoke=smoke)
   config.train.log_every = 50
   config.pipeline.num_samples = 256
-  # The temperature search sees every sample of the rows it compares.
+  # The temperature search uses every sample of the rows it compares.
   config.pipeline.search_samples = 256
   if smoke:
     config_base.apply_smoke(config)
