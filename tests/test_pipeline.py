@@ -130,7 +130,7 @@ def test_evaluate_models_table(job, tmp_path):
     assert 1 <= row['nfe'] <= 2
   control = rows[2]
   assert control['reference'] == 'mcd'
-  # search_samples = num_samples here: the search saw exactly the reference row's samples.
+  # search_samples = num_samples here, so the search used exactly the reference row's samples.
   assert control['search_samples'] == 4
   assert control['target_entropy'] == pytest.approx(rows[1]['entropy'], rel=1e-6)
   assert isinstance(control['matched'], bool)
